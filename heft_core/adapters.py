@@ -1,0 +1,147 @@
+"""Model wrappers that each do one thing: give answer-position logits for a batch.
+
+- ``PlainAnswerModel``: a base model or a peft (LoRA) model.
+- ``ReftAnswerModel``: pyreft LoReFT interventions on the residual stream of chosen layers,
+  over any host module (the base model, a peft model with a frozen adapter, or a model with
+  LoRA merged in). pyreft provides the wrapper and the intervention modules; positions,
+  train/eval switching, dtype and the saved format are ours (see shared notes on pyreft).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable
+
+import torch
+
+from heft_core.batching import Batch, intervention_positions
+from heft_core.config import LoraSettings, ReftSettings
+from heft_core.models import decoder_layers_path
+
+logger = logging.getLogger(__name__)
+
+
+def build_lora_model(model: Any, settings: LoraSettings, num_layers: int, adapter_name: str = "default") -> Any:
+    """Wrap ``model`` with a trainable peft LoRA adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    target = "all-linear" if settings.target_modules == ["all-linear"] else list(settings.target_modules)
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=target,
+        layers_to_transform=settings.layers or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+class AnswerModel:
+    """Answer-position logits for a batch, and the parameters that train."""
+
+    module: torch.nn.Module
+
+    def answer_logits(self, batch: Batch) -> torch.Tensor:  # (B, vocab)
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    def eval(self) -> None:
+        self.train(False)
+
+
+def _model_inputs(batch: Batch) -> dict[str, torch.Tensor | int | bool]:
+    # logits_to_keep=1: the vocabulary projection runs for the answer position only.
+    return {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "position_ids": batch.position_ids,
+        "logits_to_keep": 1,
+        "use_cache": False,
+    }
+
+
+class PlainAnswerModel(AnswerModel):
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def answer_logits(self, batch: Batch) -> torch.Tensor:
+        return self.module(**_model_inputs(batch)).logits[:, -1, :]
+
+
+class ReftAnswerModel(AnswerModel):
+    """LoReFT interventions attached to ``host`` through pyreft's ``ReftModel``."""
+
+    def __init__(self, host: torch.nn.Module, settings: ReftSettings, num_layers: int, hidden_size: int, state: dict[str, torch.Tensor] | None = None):
+        import pyreft
+
+        self.settings = settings
+        self.layers = settings.resolved_layers(num_layers)
+        self.first, self.last = settings.first_last
+        groups = 2 if (self.first and self.last and not settings.share_weights) else 1
+        layers_path = decoder_layers_path(host, num_layers)
+        device = next(host.parameters()).device
+        representations = []
+        for _group in range(groups):
+            for layer in self.layers:
+                intervention = pyreft.LoreftIntervention(
+                    embed_dim=hidden_size,
+                    low_rank_dimension=settings.rank,
+                    dropout=settings.dropout,
+                    dtype=torch.float32,  # pyreft defaults to bfloat16; we keep fp32 params and use autocast on GPUs
+                )
+                representations.append({
+                    "layer": layer,
+                    "component": f"{layers_path}[{layer}].output",
+                    "low_rank_dimension": settings.rank,
+                    "intervention": intervention,
+                })
+        self.module = pyreft.get_reft_model(host, pyreft.ReftConfig(representations=representations), set_device=False, disable_model_grads=True)
+        self.interventions: list[torch.nn.Module] = list(self.module.interventions.values())
+        for intervention in self.interventions:
+            intervention.to(device)
+        if state is not None:
+            self.load_intervention_state(state)
+        self.train(False)
+
+    def answer_logits(self, batch: Batch) -> torch.Tensor:
+        groups = intervention_positions(batch, self.first, self.last, self.settings.share_weights)
+        per_group = len(self.layers)
+        locations = [groups[i // per_group] for i in range(len(self.interventions))]
+        _, output = self.module(_model_inputs(batch), unit_locations={"sources->base": (None, locations)})
+        return output.logits[:, -1, :]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for iv in self.interventions for p in iv.parameters() if p.requires_grad]
+
+    def train(self, mode: bool = True) -> None:
+        # pyvene's train()/eval() switch only the host; the host stays frozen in eval mode
+        # and only the interventions' dropout follows ``mode``.
+        self.module.model.eval()
+        for intervention in self.interventions:
+            intervention.train(mode)
+
+    def intervention_state(self) -> dict[str, torch.Tensor]:
+        """Full state (parametrisation included) so a reload is bit-exact and trainable."""
+        state = {}
+        for index, intervention in enumerate(self.interventions):
+            for key, value in torch.nn.Module.state_dict(intervention).items():
+                state[f"{index}.{key}"] = value.detach().cpu().contiguous()
+        return state
+
+    def load_intervention_state(self, state: dict[str, torch.Tensor]) -> None:
+        for index, intervention in enumerate(self.interventions):
+            prefix = f"{index}."
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not own:
+                raise ValueError(f"saved ReFT state has no intervention {index}; it was saved with other layers or positions")
+            torch.nn.Module.load_state_dict(intervention, own, strict=True)
+
+
+def count_parameters(parameters: Iterable[torch.nn.Parameter]) -> int:
+    return sum(p.numel() for p in parameters)

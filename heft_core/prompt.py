@@ -1,0 +1,91 @@
+"""The prompt template: the one place where a BoolQ example becomes tokens.
+
+The template puts the passage first, then the question, then an answer cue; the target is a
+single answer token (" yes" / " no" by default). Passages are truncated from the end so that
+the question and the cue always fit in ``max_length``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+
+class _Example(Protocol):
+    uid: str
+    question: str
+    passage: str
+    answer: bool
+
+
+@dataclass
+class PromptTemplate:
+    """Text around the passage and the question, and the two answer words."""
+
+    before_passage: str = "Passage: "
+    after_passage_before_question: str = "\nQuestion: "
+    after_question: str = "?\nAnswer (yes or no):"
+    yes: str = " yes"
+    no: str = " no"
+
+    def __post_init__(self) -> None:
+        from heft_core.config import ConfigError
+
+        if not self.yes or not self.no or self.yes == self.no:
+            raise ConfigError("template.yes/no", "need two different, non-empty answer words")
+
+    def render(self, passage: str, question: str) -> str:
+        """The full prompt as text (for display; training tokenises the parts separately)."""
+        return self.before_passage + passage + self.after_passage_before_question + _clean_question(question) + self.after_question
+
+
+def _clean_question(question: str) -> str:
+    # BoolQ questions come without a question mark; the template adds one.
+    return question.strip().rstrip("?")
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    uid: str
+    input_ids: list[int]
+    label: int  # 1 for yes, 0 for no
+
+
+class PromptEncoder:
+    """Tokenises examples with a template, keeping question and cue whole."""
+
+    def __init__(self, tokenizer: Any, template: PromptTemplate, max_length: int):
+        from heft_core.config import ConfigError
+
+        self.tokenizer = tokenizer
+        self.template = template
+        self.max_length = max_length
+        self.yes_id = self._single_token(template.yes, "template.yes")
+        self.no_id = self._single_token(template.no, "template.no")
+        self._head = self._ids(template.before_passage, add_special=True)
+        if max_length < len(self._head) + 8:
+            raise ConfigError("max_length", f"{max_length} is too short for the template; need at least {len(self._head) + 8}")
+
+    def _ids(self, text: str, add_special: bool = False) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
+        return list(ids)
+
+    def _single_token(self, word: str, option: str) -> int:
+        from heft_core.config import ConfigError
+
+        ids = self._ids(word)
+        if len(ids) != 1:
+            raise ConfigError(option, f"{word!r} is {len(ids)} tokens for this tokenizer; the answer must be exactly one token (try a leading space)")
+        return ids[0]
+
+    def encode(self, passage: str, question: str) -> list[int]:
+        from heft_core.config import ConfigError
+
+        tail = self._ids(self.template.after_passage_before_question + _clean_question(question) + self.template.after_question)
+        budget = self.max_length - len(self._head) - len(tail)
+        if budget < 1:
+            raise ConfigError("max_length", f"{self.max_length} tokens cannot hold the question and answer cue ({len(self._head) + len(tail)} tokens); raise max_length")
+        passage_ids = self._ids(passage)[:budget]
+        return self._head + passage_ids + tail
+
+    def encode_examples(self, examples: Sequence[_Example]) -> list[EncodedExample]:
+        return [EncodedExample(e.uid, self.encode(e.passage, e.question), 1 if e.answer else 0) for e in examples]

@@ -1,0 +1,57 @@
+"""Shared fixtures: a private data home, a tiny random Llama, and an easy yes/no set.
+
+The easy set is learnable in a few dozen steps by a 4-layer random model: the answer is
+"yes" exactly when the question's last word is one of the "yes" colours.
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# Tests never touch the user's data home; set before any project module reads it.
+os.environ.setdefault("HEFT_HOME", str(ROOT / ".heft_home" / "tests"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.tiny import make_tiny_model_dir  # noqa: E402
+
+YES_WORDS = ["red", "green", "gold", "pink"]
+NO_WORDS = ["blue", "grey", "black", "white"]
+FILLER = "the a river town bird stone lake hill road tree wind song boat field wall door".split()
+
+
+def easy_splits(n_train: int = 160, n_validation: int = 64, seed: int = 0):
+    from heft_core.data import DatasetSplits, Example
+
+    rng = random.Random(seed)
+
+    def make(split: str, n: int) -> list[Example]:
+        rows = []
+        for i in range(n):
+            answer = i % 2 == 0
+            colour = rng.choice(YES_WORDS if answer else NO_WORDS)
+            passage = " ".join(rng.choice(FILLER) for _ in range(rng.randint(6, 14)))
+            rows.append(Example(f"{split}-{i}", f"is the {rng.choice(FILLER)} {colour}", passage, answer))
+        return rows
+
+    return DatasetSplits(make("train", n_train), make("validation", n_validation), "test:easy", "Easy test set", True)
+
+
+@pytest.fixture(scope="session")
+def easy_data():
+    return easy_splits()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, easy_data) -> str:
+    texts = [e.passage + " " + e.question for e in easy_data.train + easy_data.validation]
+    texts.append(" ".join(YES_WORDS + NO_WORDS + FILLER))
+    return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), texts, layers=4, hidden=64))

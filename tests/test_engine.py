@@ -1,0 +1,231 @@
+"""heft_core on a tiny random Llama: learning, ReFT placement, HEFT stages, artifacts, serving."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from heft_core.adapters import ReftAnswerModel
+from heft_core.artifacts import load_run
+from heft_core.batching import collate
+from heft_core.callbacks import TrainerCallback
+from heft_core.config import LoraSettings, ReftSettings, RunConfig, StageSettings
+from heft_core.inference import SideBySide, answer_model_for_run, evaluate_run
+from heft_core.models import load_model, model_info
+from heft_core.prompt import EncodedExample, PromptTemplate
+from heft_core.train import train
+
+
+def make_config(model: str, method: str, **overrides) -> RunConfig:
+    settings = dict(
+        method=method, model=model, data="test:easy", train_size=None, eval_size=None, max_length=64, seed=7,
+        lora=LoraSettings(rank=4, alpha=8, dropout=0.0, target_modules=["all-linear"]),
+        reft=ReftSettings(rank=4, layers="all", positions="f2+l2", dropout=0.0),
+        lora_stage=StageSettings(epochs=2, learning_rate=1e-2, batch_size=8, warmup_ratio=0.0),
+        reft_stage=StageSettings(epochs=2, learning_rate=1e-2, batch_size=8, warmup_ratio=0.0),
+        # The prompt ends on the deciding word, so a 4-layer random model can learn it quickly.
+        template=PromptTemplate(after_question=""),
+    )
+    settings.update(overrides)
+    return RunConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model, easy_data, tmp_path_factory):
+    """One trained run per method (trained once for the module)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for method in ("base", "lora", "reft", "heft"):
+        out[method] = train(make_config(tiny_model, method), root / method, data=easy_data)
+    return out
+
+
+@pytest.mark.parametrize("method", ["lora", "reft", "heft"])
+def test_loss_falls_and_accuracy_beats_chance(runs, method):
+    result = runs[method]
+    losses = [s.loss for s in result.steps]
+    assert result.status == "completed"
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+    assert result.accuracy.accuracy > 0.75
+    assert result.accuracy.accuracy > runs["base"].accuracy.accuracy
+
+
+def test_evaluation_after_every_epoch_of_every_stage(runs):
+    assert [(e.stage, e.epoch, e.cumulative_epoch) for e in runs["heft"].evals] == [("lora", 1, 1), ("lora", 2, 2), ("reft", 1, 3), ("reft", 2, 4)]
+    assert [(e.stage, e.epoch) for e in runs["base"].evals] == [("base", 0)]
+
+
+def test_trainable_parameter_counts(runs, tiny_model):
+    info = model_info(tiny_model)
+    # LoReFT: 2*d*r + r per intervention (R and W, b), one per layer with shared weights.
+    assert runs["reft"].trainable_params == {"reft": info.num_layers * (2 * info.hidden_size * 4 + 4)}
+    assert runs["heft"].trainable_params["lora"] == runs["lora"].trainable_params["lora"] > 0
+
+
+def test_stage2_leaves_lora_weights_bit_for_bit_unchanged(runs):
+    from safetensors.torch import load_file
+
+    heft = runs["heft"]
+    assert heft.lora_unchanged_by_stage2 is True
+    # Stage 1 of HEFT is the LoRA-only run with the same seed: the saved adapters are identical.
+    a = load_file(f"{runs['lora'].run_dir}/lora/adapter_model.safetensors")
+    b = load_file(f"{heft.run_dir}/lora/adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_merged_and_adapter_stage2_agree(runs, tiny_model, easy_data, tmp_path):
+    merged = train(make_config(tiny_model, "heft", heft_stage2_mode="merged"), tmp_path / "merged", data=easy_data)
+    adapter = {p.uid: p for p in runs["heft"].predictions}
+    for p in merged.predictions:
+        assert p.p_yes == pytest.approx(adapter[p.uid].p_yes, abs=1e-3)
+    assert [s.loss for s in merged.steps] == pytest.approx([s.loss for s in runs["heft"].steps], abs=1e-3)
+
+
+@pytest.mark.parametrize("method", ["base", "lora", "reft", "heft"])
+def test_saved_run_reproduces_its_predictions_exactly(runs, method, monkeypatch, easy_data):
+    import heft_core.data as data_lib
+
+    monkeypatch.setattr(data_lib, "load_data", lambda source, **_: easy_data)
+    accuracy, predictions, signature = evaluate_run(runs[method].run_dir)
+    saved = load_run(runs[method].run_dir)
+    assert signature == saved.eval_signature
+    assert {p.uid: p.p_yes for p in predictions} == {p["uid"]: p["p_yes"] for p in saved.predictions()}
+    assert accuracy.accuracy == saved.meta["result"]["accuracy"]
+
+
+def test_run_directory_contents(runs):
+    run = load_run(runs["heft"].run_dir)
+    assert set(run.meta["files"]) >= {"lora", "reft.safetensors", "metrics.jsonl", "evals.json", "predictions.jsonl"}
+    assert run.meta["config"]["template"]["yes"] == " yes"
+    assert {"torch", "transformers", "peft", "pyreft"} <= set(run.meta["versions"])
+    assert len(run.steps()) == len(runs["heft"].steps) and len(run.evals()) == 4
+
+
+def test_half_written_run_does_not_load(runs, tmp_path):
+    import shutil
+
+    from heft_core.artifacts import RunLoadError
+
+    copy = tmp_path / "copy"
+    shutil.copytree(runs["lora"].run_dir, copy)
+    (copy / "run.json").unlink()
+    with pytest.raises(RunLoadError, match="not a finished run"):
+        load_run(copy)
+
+
+def test_side_by_side_equals_each_run_loaded_alone(runs, tiny_model, easy_data):
+    from heft_core.evaluate import predict
+
+    server = SideBySide(tiny_model, template=PromptTemplate(after_question=""), max_length=64)
+    for method in ("lora", "reft", "heft"):
+        server.add_run(method, runs[method].run_dir)
+    examples = easy_data.validation[:12]
+    shared = {name: server.predict(name, examples) for name in ("base", "lora", "reft", "heft")}
+    encoder = server.variants["base"].encoder
+    for name in ("lora", "reft", "heft"):
+        # The run alone, on its own fresh copy of the base model.
+        alone_model = answer_model_for_run(load_run(runs[name].run_dir), load_model(tiny_model))
+        alone = predict(alone_model, encoder.encode_examples(examples), yes_id=encoder.yes_id, no_id=encoder.no_id, pad_id=0, batch_size=16, device=torch.device("cpu"))
+        for a, b in zip(alone, shared[name]):
+            assert a.p_yes == pytest.approx(b.p_yes, abs=1e-5)
+            assert a.predicted == b.predicted
+    base_alone = {p.uid: p.p_yes for p in runs["base"].predictions}
+    for p in shared["base"]:
+        assert p.p_yes == pytest.approx(base_alone[p.uid], abs=1e-5)
+    answers = server.answer_all(examples[0].passage, examples[0].question)
+    assert set(answers) == {"base", "lora", "reft", "heft"}
+    assert all(a.answer in ("yes", "no") and 0 <= a.p_yes <= 1 for a in answers.values())
+    # answer() of one question agrees with the batched predictions
+    assert answers["heft"].p_yes == pytest.approx(shared["heft"][0].p_yes, abs=1e-5)
+
+
+def test_side_by_side_rejects_a_run_on_another_base_model(runs, tiny_model, tmp_path, easy_data):
+    other = tmp_path / "other"
+    import shutil
+
+    run = json.loads(open(runs["lora"].run_dir + "/run.json").read())
+    shutil.copytree(runs["lora"].run_dir, other)
+    run["config"]["model"] = "some-org/another-model"
+    (other / "run.json").write_text(json.dumps(run))
+    server = SideBySide(tiny_model)
+    with pytest.raises(ValueError, match="another-model"):
+        server.add_run("x", other)
+
+
+def _layer_inputs(model, answer_model, batch):
+    """Inputs of every decoder layer (= outputs of the layer before), and the final norm's input.
+
+    Recorded by wrapping ``forward`` (pyvene removes forward hooks on each call).
+    """
+    seen: list[torch.Tensor] = []
+    modules = list(model.model.layers) + [model.model.norm]
+    originals = [m.forward for m in modules]
+
+    def recorder(original):
+        def forward(hidden_states, *args, **kwargs):
+            seen.append(hidden_states.detach().clone())
+            return original(hidden_states, *args, **kwargs)
+        return forward
+
+    for module, original in zip(modules, originals):
+        module.forward = recorder(original)
+    try:
+        with torch.no_grad():
+            answer_model.answer_logits(batch)
+    finally:
+        for module, original in zip(modules, originals):
+            module.forward = original
+    return seen
+
+
+def test_reft_changes_hidden_states_only_at_its_layer_and_positions(tiny_model):
+    from heft_core.adapters import PlainAnswerModel
+
+    info = model_info(tiny_model)
+    model = load_model(tiny_model)
+    length = 12
+    batch = collate([EncodedExample("x", list(range(5, 5 + length)), 1)], pad_id=0)
+    before = _layer_inputs(model, PlainAnswerModel(model), batch)
+    torch.manual_seed(0)
+    reft = ReftAnswerModel(model, ReftSettings(rank=4, layers=[2], positions="f1+l2", dropout=0.0), info.num_layers, info.hidden_size)
+    after = _layer_inputs(model, reft, batch)
+    changed = [((a - b).abs().amax(-1)[0] > 1e-6).nonzero().flatten().tolist() for a, b in zip(before, after)]
+    # inputs of layers 0..2 (outputs of embeddings, layers 0 and 1): unchanged everywhere
+    assert changed[0] == changed[1] == changed[2] == []
+    # output of layer 2 = input of layer 3: changed exactly at the first and the last two tokens
+    assert changed[3] == [0, length - 2, length - 1]
+    # later layers see the change spread along the sequence (causal attention)
+    assert len(changed[4]) == length
+
+
+def test_unshared_positions_use_two_interventions_per_layer(tiny_model):
+    info = model_info(tiny_model)
+    reft = ReftAnswerModel(load_model(tiny_model), ReftSettings(rank=2, layers=[0, 3], positions="f3+l3", share_weights=False), info.num_layers, info.hidden_size)
+    assert len(reft.interventions) == 4
+
+
+class StopAfter(TrainerCallback):
+    def __init__(self, steps: int):
+        self.steps, self.seen = steps, 0
+
+    def on_step(self, event) -> None:
+        self.seen += 1
+
+    def should_stop(self) -> bool:
+        return self.seen >= self.steps
+
+
+def test_stop_request_ends_at_the_next_step_and_keeps_what_is_finished(tiny_model, easy_data, tmp_path):
+    result = train(make_config(tiny_model, "heft"), tmp_path / "stopped", callbacks=[StopAfter(3)], data=easy_data)
+    assert result.status == "cancelled"
+    assert len(result.steps) == 3
+    saved = load_run(tmp_path / "stopped")
+    assert saved.meta["result"]["status"] == "cancelled"
+    assert len(saved.steps()) == 3
+
+
+def test_training_is_deterministic_under_a_fixed_seed(runs, tiny_model, easy_data, tmp_path):
+    again = train(make_config(tiny_model, "reft"), tmp_path / "again", data=easy_data)
+    assert [s.loss for s in again.steps] == [s.loss for s in runs["reft"].steps]
+    assert [p.p_yes for p in again.predictions] == [p.p_yes for p in runs["reft"].predictions]

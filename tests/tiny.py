@@ -1,0 +1,46 @@
+"""A tiny random Llama and a word-level tokenizer, saved as a local model directory.
+
+Tests load it through the same ``load_model`` path that users' local directories take.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterable
+
+SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]
+
+
+def words_of(texts: Iterable[str]) -> list[str]:
+    seen: dict[str, None] = {}
+    for text in texts:
+        for word in re.findall(r"\w+|[^\w\s]", text):
+            seen.setdefault(word, None)
+    return list(seen)
+
+
+def make_tiny_model_dir(path: Path, texts: Iterable[str], layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+    import torch
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIALS + [w for w in words_of(list(texts) + ["yes no Passage: Question: ? Answer (yes or no):"]) if w not in SPECIALS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(pattern=Regex(r"\w+|[^\w\s]"), behavior="isolated")])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"], tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # A random head at the default init gives logits of ~0.1: nothing could become
+        # confident. Real models have logits of order 10; scale the head to match.
+        model.lm_head.weight.mul_(10.0)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
