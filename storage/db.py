@@ -1,0 +1,211 @@
+"""SQLite engine, schema creation / versioning and session helper for HEFT Studio.
+
+The UI, the background worker and the training child processes all open the same SQLite
+file. WAL mode lets readers poll while a writer commits; ``busy_timeout`` makes writers
+wait for each other instead of failing. Call :func:`init_db` (or use :func:`open_db`)
+once per process before running queries.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, exc, text
+from sqlmodel import Session, SQLModel
+
+from heft_core.home import database_path
+# Importing storage.models registers every table on SQLModel.metadata.
+from storage.models import SCHEMA_VERSION, SchemaInfo
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_MS = 30_000
+SCHEMA_TABLE = SchemaInfo.__tablename__
+
+
+class SchemaError(RuntimeError):
+    """The database file has a schema this code cannot (or must not) use."""
+
+
+# Migration that upgrades a database *to* the given version from the one before it. It
+# runs inside the init_db write transaction; tables new in that version need no entry
+# (create_all adds them afterwards). Version 1 is the baseline, so there is none yet.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+# The one piece of global mutable state: engines keyed by resolved DB path, with the pid
+# that created them so a forked child can drop connections it inherited.
+_ENGINES: dict[str, tuple[Engine, int]] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def _is_ours_or_empty(cursor: sqlite3.Cursor) -> bool:
+    """True for an empty database or one that has our schema_info table."""
+    cursor.execute("SELECT name FROM sqlite_master WHERE type='table'")
+    names = {row[0] for row in cursor.fetchall()}
+    return not names or SCHEMA_TABLE in names
+
+
+def _install_listeners(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, record: Any) -> None:
+        record.info["pid"] = os.getpid()
+        cursor = dbapi_conn.cursor()
+        try:
+            # busy_timeout first, so the journal_mode switch itself waits for locks.
+            cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            # Switching to WAL rewrites the file header; don't touch a foreign file,
+            # init_db will refuse it.
+            if _is_ours_or_empty(cursor):
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        # SQLAlchemy's multiprocessing recipe: a connection inherited through fork must
+        # never be used by the child; dropping it makes the pool open a fresh one.
+        pid = os.getpid()
+        if record.info.get("pid") != pid:
+            owner = record.info.get("pid")
+            record.dbapi_connection = proxy.dbapi_connection = None
+            raise exc.DisconnectionError(
+                f"connection created in process {owner}, checked out in {pid}"
+            )
+
+
+def get_engine(path: str | Path | None = None) -> Engine:
+    """Return the (cached) engine for the database at ``path``.
+
+    Defaults to ``heft_core.home.database_path()``. The parent directory is created.
+    Engines are shared between threads; in a forked child the inherited pooled
+    connections are discarded (not closed) and new ones opened.
+    """
+    db_path = Path(path if path is not None else database_path()).expanduser().resolve()
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    key = str(db_path)
+    pid = os.getpid()
+    with _ENGINES_LOCK:
+        cached = _ENGINES.get(key)
+        if cached is not None:
+            engine, owner_pid = cached
+            if owner_pid != pid:
+                # close=False: the parent still owns those sqlite handles.
+                engine.dispose(close=False)
+                _ENGINES[key] = (engine, pid)
+            return engine
+        engine = create_engine(
+            f"sqlite:///{db_path}",
+            connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000},
+        )
+        _install_listeners(engine)
+        _ENGINES[key] = (engine, pid)
+        log.debug("Opened database engine for %s", db_path)
+        return engine
+
+
+def _db_file(engine: Engine) -> str:
+    return str(engine.url.database)
+
+
+def init_db(engine: Engine) -> None:
+    """Create the schema in an empty database, upgrade an older one, refuse anything else.
+
+    Raises :class:`SchemaError` (leaving the file untouched) for a database written by a
+    newer HEFT Studio, an unknown version, a SQLite file that is not a HEFT Studio
+    database, or a file that is not SQLite at all. Safe to call concurrently from several
+    processes: everything happens under one ``BEGIN IMMEDIATE`` write lock.
+    """
+    db_file = _db_file(engine)
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            try:
+                _init_locked(conn, db_file)
+            except BaseException:
+                conn.rollback()
+                raise
+            conn.commit()
+    except exc.DatabaseError as error:
+        orig = getattr(error, "orig", None)
+        if isinstance(orig, sqlite3.DatabaseError) and "not a database" in str(orig):
+            raise SchemaError(
+                f"{db_file} is not a SQLite database, so not a HEFT Studio database; "
+                "refusing to use it. Move it away or point HEFT_HOME elsewhere."
+            ) from error
+        raise
+
+
+def _init_locked(conn: Connection, db_file: str) -> None:
+    tables = {
+        row[0]
+        for row in conn.exec_driver_sql(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'"
+        )
+    }
+    if not tables:
+        SQLModel.metadata.create_all(conn)
+        conn.execute(SchemaInfo.__table__.insert().values(id=1, version=SCHEMA_VERSION))
+        log.info("Created HEFT Studio database %s (schema version %d)", db_file, SCHEMA_VERSION)
+        return
+    if SCHEMA_TABLE not in tables:
+        raise SchemaError(
+            f"{db_file} is not a HEFT Studio database: it has tables "
+            f"({', '.join(sorted(tables))}) but no {SCHEMA_TABLE} table; refusing to touch it."
+        )
+    rows = conn.exec_driver_sql(f"SELECT version FROM {SCHEMA_TABLE}").fetchall()
+    if len(rows) != 1 or not isinstance(rows[0][0], int):
+        found = ", ".join(repr(r[0]) for r in rows) or "no row"
+        raise SchemaError(
+            f"{db_file} has an unreadable schema version ({found}); this HEFT Studio "
+            f"supports version {SCHEMA_VERSION}. Refusing to touch it."
+        )
+    found_version = rows[0][0]
+    if found_version == SCHEMA_VERSION:
+        return
+    if found_version > SCHEMA_VERSION or found_version < 0:
+        raise SchemaError(
+            f"{db_file} has schema version {found_version}, but this HEFT Studio supports "
+            f"version {SCHEMA_VERSION} (written by a newer or unknown release?). "
+            "Refusing to touch it; upgrade HEFT Studio or use another HEFT_HOME."
+        )
+    for target in range(found_version + 1, SCHEMA_VERSION + 1):
+        migration = MIGRATIONS.get(target)
+        if migration is not None:
+            log.info("Migrating %s to schema version %d", db_file, target)
+            migration(conn)
+    SQLModel.metadata.create_all(conn)
+    conn.execute(text(f"UPDATE {SCHEMA_TABLE} SET version = :v"), {"v": SCHEMA_VERSION})
+    log.info(
+        "Upgraded database %s from schema version %d to %d",
+        db_file, found_version, SCHEMA_VERSION,
+    )
+
+
+def open_db(path: str | Path | None = None) -> Engine:
+    """Convenience: :func:`get_engine` followed by :func:`init_db`."""
+    engine = get_engine(path)
+    init_db(engine)
+    return engine
+
+
+@contextmanager
+def session(engine: Engine) -> Iterator[Session]:
+    """A session that commits on success, rolls back on error and always closes.
+
+    ``expire_on_commit=False`` so objects loaded inside stay readable after the block.
+    """
+    with Session(engine, expire_on_commit=False) as sess:
+        try:
+            yield sess
+            sess.commit()
+        except BaseException:
+            sess.rollback()
+            raise
