@@ -49,6 +49,8 @@ RESULT_FIELDS: frozenset[str] = frozenset(
         "trainable_params",
         "trainable_params_json",
         "artifact_dir",
+        # Known only once the child has built its eval set, so it may arrive with results.
+        "eval_signature",
     }
 )
 STEP_FIELDS: frozenset[str] = frozenset(

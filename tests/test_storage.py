@@ -95,6 +95,7 @@ def test_lifecycle_and_invalid_transitions(engine: Engine) -> None:
         "accuracy": 0.71, "accuracy_low": 0.65, "accuracy_high": 0.77, "eval_n": 200,
         "train_seconds": 12.5, "tokens_per_second": 900.0, "trainable_params": 1234,
         "trainable_params_json": {"lora": 1234}, "artifact_dir": "/tmp/x",
+        "eval_signature": "sig2",
     }
     assert queries.finish_run(engine, run.id, RunStatus.COMPLETED, results=results)
     # Terminal states never change again.
@@ -105,6 +106,7 @@ def test_lifecycle_and_invalid_transitions(engine: Engine) -> None:
     assert done.status == "completed" and done.error is None
     assert done.accuracy == pytest.approx(0.71) and done.eval_n == 200
     assert done.trainable_params_by_stage == {"lora": 1234}
+    assert done.eval_signature == "sig2" and done.artifact_dir == "/tmp/x"
     assert done.finished_at >= done.started_at
     assert done.child_pid == 777
 
