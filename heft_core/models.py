@@ -8,6 +8,7 @@ complete, so two processes starting at once never see a half-written cache.
 from __future__ import annotations
 
 import fcntl
+import functools
 import importlib.util
 import logging
 import os
@@ -106,14 +107,20 @@ class ModelInfo:
     linear_modules: frozenset[str]
 
 
+@functools.lru_cache(maxsize=16)  # a pure function of the reference; configs are small
 def model_info(model_ref: str) -> ModelInfo:
     """Shape of a model from its config, with the module tree built on the meta device."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = resolve_model_path(model_ref)
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        if is_embedded(model_ref) and not (models_dir() / _CACHE_NAME / "config.json").exists():
+            # Read the shape from the GGUF header instead of converting the weights now.
+            config = AutoConfig.from_pretrained(_gguf_dir(), gguf_file=GGUF_FILE)
+        else:
+            config = AutoConfig.from_pretrained(resolve_model_path(model_ref), trust_remote_code=False)
+    except ModelLoadError:
+        raise
     except Exception as exc:  # hub errors come in many types; all mean "cannot use this model"
         raise _friendly(model_ref, exc) from exc
     with torch.device("meta"):

@@ -40,7 +40,7 @@ ACTIVE: frozenset[str] = frozenset({RunStatus.QUEUED, RunStatus.RUNNING})
 REQUEUEABLE: frozenset[str] = frozenset(
     {RunStatus.FAILED, RunStatus.INTERRUPTED, RunStatus.CANCELLED}
 )
-METHODS: tuple[str, ...] = ("lora", "reft", "heft")
+METHODS: tuple[str, ...] = ("base", "lora", "reft", "heft")  # "base": a zero-shot evaluation run
 
 
 def utcnow() -> datetime:

@@ -1,0 +1,150 @@
+"""One training run in its own process: ``python -m app.child RUN_ID --db PATH``.
+
+Started by the worker with stdout and stderr going to the run's log file. Reads the run's
+config from the database, trains with heft_core, and streams metrics back in small batched
+transactions. Exit status: 0 finished (completed or cancelled, see run.json), 3 bad input,
+1 any other error; ``error.txt`` in the run directory holds the one-line reason.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from heft_core.callbacks import EvalEvent, StepEvent, TrainerCallback
+from storage import queries
+from storage.db import open_db
+
+logger = logging.getLogger("app.child")
+
+ERROR_FILE = "error.txt"
+EXIT_BAD_INPUT = 3
+
+
+class DatabaseCallback(TrainerCallback):
+    """Writes steps in batches (every second or 20 steps), evaluations at once, and polls cancel."""
+
+    def __init__(self, engine: Any, run_id: int, flush_seconds: float = 1.0, flush_rows: int = 20, cancel_poll_seconds: float = 0.5):
+        self.engine = engine
+        self.run_id = run_id
+        self.flush_seconds = flush_seconds
+        self.flush_rows = flush_rows
+        self.cancel_poll_seconds = cancel_poll_seconds
+        self.pending: list[dict[str, Any]] = []
+        self.last_flush = time.monotonic()
+        self.last_cancel_check = 0.0
+        self.cancelled = False
+        self.progress: dict[str, Any] = {}
+
+    def on_train_begin(self, info: dict[str, Any]) -> None:
+        self.progress = {"stage": None, "step": 0, "total_steps": info["total_steps"], "train_examples": info["train_examples"], "eval_examples": info["eval_examples"], "data_label": info["data_label"], "device": info["device"]}
+        queries.update_progress(self.engine, self.run_id, self.progress)
+        logger.info("run %d: %s", self.run_id, info)
+
+    def on_step(self, event: StepEvent) -> None:
+        self.pending.append({
+            "stage": event.stage, "epoch": event.epoch, "step": event.step, "loss": event.loss,
+            "learning_rate": event.learning_rate, "tokens_per_second": event.tokens_per_second,
+            "elapsed_seconds": event.elapsed_seconds,
+        })
+        remaining = event.total_steps - event.step
+        self.progress.update(stage=event.stage, epoch=event.epoch, step=event.step, total_steps=event.total_steps,
+                             loss=event.loss, tokens_per_second=event.tokens_per_second, elapsed_seconds=event.elapsed_seconds,
+                             eta_seconds=event.elapsed_seconds / event.step * remaining if event.step else None)
+        logger.info("step %d/%d %s epoch %.2f loss %.4f lr %.2e %.0f tok/s", event.step, event.total_steps, event.stage, event.epoch, event.loss, event.learning_rate, event.tokens_per_second)
+        if len(self.pending) >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+
+    def on_evaluate(self, event: EvalEvent) -> None:
+        self.flush()
+        queries.add_epoch_eval(self.engine, self.run_id, {
+            "stage": event.stage, "epoch": event.epoch, "cumulative_epoch": event.cumulative_epoch,
+            "accuracy": event.accuracy, "accuracy_low": event.low, "accuracy_high": event.high, "n": event.n,
+        })
+        logger.info("eval %s epoch %d: accuracy %.4f [%.4f, %.4f] n=%d", event.stage, event.epoch, event.accuracy, event.low, event.high, event.n)
+
+    def on_log(self, message: str) -> None:
+        logger.info(message)
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if not self.cancelled and now - self.last_cancel_check >= self.cancel_poll_seconds:
+            self.last_cancel_check = now
+            self.cancelled = queries.is_cancel_requested(self.engine, self.run_id)
+        return self.cancelled
+
+    def flush(self) -> None:
+        if self.pending:
+            queries.add_step_metrics(self.engine, self.run_id, self.pending)
+            self.pending = []
+        queries.update_progress(self.engine, self.run_id, self.progress)
+        self.last_flush = time.monotonic()
+
+
+def _exit_with_parent(parent_pid: int, interval: float = 1.0) -> None:
+    """A run whose worker died must not train on unobserved: end this process too."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent_pid:
+                logger.error("worker %d is gone; stopping this run", parent_pid)
+                os._exit(4)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+
+
+def run(run_id: int, db_path: str) -> int:
+    from heft_core.artifacts import RunLoadError
+    from heft_core.config import ConfigError, RunConfig
+    from heft_core.data import DataError
+    from heft_core.models import ModelLoadError
+    from heft_core.train import train
+
+    engine = open_db(db_path)
+    record = queries.get_run(engine, run_id)
+    if record is None or not record.artifact_dir:
+        logger.error("run %s not found or has no artifact directory", run_id)
+        return 1
+    out = Path(record.artifact_dir)
+    callback = DatabaseCallback(engine, run_id)
+    try:
+        config = RunConfig.from_dict(record.config)
+        train(config, out, callbacks=[callback])
+        callback.flush()
+        return 0
+    except (ConfigError, DataError, ModelLoadError, RunLoadError) as exc:
+        callback.flush()
+        (out / ERROR_FILE).write_text(str(exc))
+        logger.error("%s", exc)
+        return EXIT_BAD_INPUT
+    except BaseException as exc:  # the worker reports it; keep the traceback in the log
+        try:
+            callback.flush()
+        except Exception:
+            pass
+        traceback.print_exc()
+        (out / ERROR_FILE).write_text(f"{type(exc).__name__}: {exc}".strip())
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train one queued HEFT Studio run (started by the worker).")
+    parser.add_argument("run_id", type=int)
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    if args.parent_pid:
+        _exit_with_parent(args.parent_pid)
+    return run(args.run_id, args.db)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
