@@ -1,0 +1,30 @@
+# HEFT Studio as a Hugging Face Space (Docker SDK): port 7860, non-root uid 1000,
+# data home on the Space's persistent storage (/data) when it is mounted.
+#   CPU image (default):  docker build -t heft-studio .
+#   GPU image (CUDA):     docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t heft-studio:gpu .
+FROM python:3.11-slim
+
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    GRADIO_SERVER_NAME=0.0.0.0 \
+    GRADIO_SERVER_PORT=7860
+
+RUN useradd --create-home --uid 1000 user
+WORKDIR /home/user/app
+
+COPY requirements.txt requirements-nodeps.txt ./
+# torch comes from TORCH_INDEX (CPU or CUDA build); everything else from PyPI.
+RUN pip install --extra-index-url "$TORCH_INDEX" -r requirements.txt \
+ && pip install --no-deps -r requirements-nodeps.txt
+
+COPY --chown=user app.py ./
+COPY --chown=user app ./app
+COPY --chown=user heft_core ./heft_core
+COPY --chown=user storage ./storage
+
+USER user
+# HEFT_HOME defaults to /data/heft-studio when /data (persistent storage) is writable,
+# else ~/.cache/heft-studio inside the container.
+EXPOSE 7860
+CMD ["python", "app.py"]
