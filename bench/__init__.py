@@ -1,0 +1,1 @@
+"""Benchmark scripts for HEFT Studio (throughput, paper reproduction, GPU check). See bench/README.md."""
