@@ -1,0 +1,220 @@
+"""The Ask service: answer one question with the base model and chosen runs, side by side.
+
+One :class:`~heft_core.inference.SideBySide` per base model, created on first use and kept
+while the chosen runs stay on that model; runs chosen later are added to it, and it is
+rebuilt when it has accumulated too many adapters or a run's directory changed. Only one base
+model is held at a time (a second 7B model would not fit next to the first). The app creates
+one instance inside ``build_demo`` and closes over it; nothing here is module-level state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from app import views
+from storage import queries
+
+logger = logging.getLogger(__name__)
+
+SLOT_TITLES = {"base": "Base", "lora": "LoRA", "reft": "ReFT", "heft": "HEFT"}
+MAX_LOADED_RUNS = 12
+
+
+class AskError(ValueError):
+    """A request the Ask service cannot serve; the message says why in plain words."""
+
+
+@dataclass
+class _Server:
+    model_ref: str
+    side_by_side: Any
+    loaded: dict[int, str] = field(default_factory=dict)  # run id -> artifact dir
+
+
+@dataclass
+class Choice:
+    """One card: a slot ("base", "lora", ...) and the run serving it (None for the base model)."""
+
+    slot: str
+    title: str
+    run: Any = None
+
+
+def normalise_model(ref: str) -> str:
+    from heft_core.models import is_embedded
+
+    return "embedded" if is_embedded(ref) else ref.strip()
+
+
+class AskService:
+    def __init__(self, engine: Any, *, max_loaded_runs: int = MAX_LOADED_RUNS):
+        self.engine = engine
+        self.max_loaded_runs = max_loaded_runs
+        self._server: _Server | None = None
+        self._lock = threading.Lock()  # loading and answering share one model
+        self._examples: dict[str, list[Any]] = {}
+        self._examples_lock = threading.Lock()
+
+    # --- choosing runs -----------------------------------------------------------------
+    def resolve(self, run_ids: Mapping[str, Any] | Sequence[Any], base_model: str | None = None) -> tuple[str, list[Choice]]:
+        """Check the chosen runs and find their common base model.
+
+        ``run_ids`` maps slots ("lora", "reft", "heft", or any label) to run ids (None/""/0: no
+        run), or is a list of run ids. The base model always comes first.
+        """
+        if isinstance(run_ids, Mapping):
+            items = [(str(slot), value) for slot, value in run_ids.items()]
+        else:
+            items = [("", value) for value in run_ids]
+        choices: list[Choice] = []
+        seen: set[int] = set()
+        for slot, value in items:
+            if value in (None, "", 0, "0"):
+                continue
+            try:
+                run_id = queries.validate_run_id(value)
+            except ValueError as exc:
+                raise AskError(str(exc)) from None
+            run = queries.get_run(self.engine, run_id)
+            if run is None:
+                raise AskError(f"run {run_id} does not exist")
+            if run.status != "completed" or not run.artifact_dir:
+                raise AskError(f"run #{run_id} is {run.status}; only completed runs can answer questions")
+            if run.method == "base":
+                continue  # a zero-shot run is the base model, which always answers
+            if run_id in seen:
+                continue
+            seen.add(run_id)
+            slot = slot or run.method
+            title = SLOT_TITLES.get(slot, slot)
+            choices.append(Choice(slot, f"{title} · run #{run.id}", run))
+        models = {normalise_model(c.run.base_model) for c in choices}
+        if len(models) > 1:
+            detail = ", ".join(f"#{c.run.id} on {views.model_label(c.run.base_model)}" for c in choices)
+            raise AskError(f"the chosen runs use different base models ({detail}); side-by-side answers need runs "
+                           "trained on one base model — pick runs of the same model")
+        if models:
+            model_ref = choices[0].run.base_model
+        else:
+            model_ref = (base_model or "embedded").strip() or "embedded"
+        return model_ref, [Choice("base", "Base")] + choices
+
+    # --- serving ---------------------------------------------------------------------------
+    def _server_for(self, model_ref: str, runs: Sequence[Any]) -> _Server:
+        """The SideBySide of ``model_ref`` with ``runs`` loaded (caller holds the lock)."""
+        from heft_core.inference import SideBySide, same_model
+
+        server = self._server
+        wanted = {run.id: run.artifact_dir for run in runs}
+        if server is not None:
+            stale = any(server.loaded.get(rid, d) != d for rid, d in wanted.items())
+            too_many = len(set(server.loaded) | set(wanted)) > self.max_loaded_runs
+            if not same_model(server.model_ref, model_ref) or stale or too_many:
+                logger.info("Ask: releasing %s (%d runs loaded)", server.model_ref, len(server.loaded))
+                self._server = server = None
+                _free_memory()
+        if server is None:
+            logger.info("Ask: loading base model %s", model_ref)
+            server = _Server(model_ref, SideBySide(model_ref))
+            self._server = server
+        for run in runs:
+            if run.id not in server.loaded:
+                logger.info("Ask: loading run %d from %s", run.id, run.artifact_dir)
+                server.side_by_side.add_run(f"run{run.id}", run.artifact_dir)
+                server.loaded[run.id] = run.artifact_dir
+        return server
+
+    def answer(self, passage: str, question: str, run_ids: Mapping[str, Any] | Sequence[Any], base_model: str | None = None) -> dict[str, Any]:
+        """Answers of the base model and each chosen run: {"model", "answers": [{slot, title, run_id, answer, p_yes, latency_seconds}]}.
+
+        Raises AskError for empty input, unknown or unfinished runs, or runs on different base models.
+        """
+        from heft_core.artifacts import RunLoadError
+        from heft_core.config import ConfigError
+        from heft_core.models import ModelLoadError
+
+        passage, question = (passage or "").strip(), (question or "").strip()
+        if not question:
+            raise AskError("enter a question (and the passage it is about)")
+        if not passage:
+            raise AskError("enter the passage the question is about")
+        model_ref, choices = self.resolve(run_ids, base_model)
+        runs = [c.run for c in choices if c.run is not None]
+        with self._lock:
+            try:
+                server = self._server_for(model_ref, runs)
+                answers = []
+                for choice in choices:
+                    name = "base" if choice.run is None else f"run{choice.run.id}"
+                    result = server.side_by_side.answer(name, passage, question)
+                    answers.append({
+                        "slot": choice.slot, "title": choice.title, "run_id": choice.run.id if choice.run else None,
+                        "subtitle": _subtitle(choice.run) if choice.run else f"zero-shot · {views.model_label(model_ref)}",
+                        **result.to_dict(),
+                    })
+            except (ModelLoadError, RunLoadError, ConfigError) as exc:
+                self._server = None
+                raise AskError(str(exc)) from None
+            except ValueError as exc:  # SideBySide refuses mismatched runs with ValueError
+                raise AskError(str(exc)) from None
+        return {"model": model_ref, "answers": answers}
+
+    # --- examples ----------------------------------------------------------------------------
+    def random_example(self, source: str, rng: random.Random | None = None) -> Any:
+        """A random validation example (with its gold answer) from a data source."""
+        from heft_core.data import DataError, load_data
+
+        source = (source or "synthetic").strip()
+        with self._examples_lock:
+            examples = self._examples.get(source)
+            if examples is None:
+                try:
+                    examples = load_data(source).validation
+                except DataError as exc:
+                    raise AskError(str(exc)) from None
+                self._examples[source] = examples
+        if not examples:
+            raise AskError(f"{source} has no validation examples")
+        return (rng or random).choice(examples)
+
+    def close(self) -> None:
+        with self._lock:
+            self._server = None
+        _free_memory()
+
+
+def _subtitle(run: Any) -> str:
+    acc = f" · {run.accuracy * 100:.1f}% on eval" if run.accuracy is not None else ""
+    return f"{views.epochs_label(run)} ep{acc} · {views.data_label(run.data_source)}"
+
+
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - cleanup only
+        pass
+
+
+def parse_run_ids(text: str | None) -> Mapping[str, Any] | list[Any]:
+    """The ask API's run_ids_json: a list of ids, or an object {"lora": 3, "reft": 4, "heft": 5}."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return []
+    try:
+        value = json.loads(text) if isinstance(text, str) else text
+    except json.JSONDecodeError as exc:
+        raise AskError(f"run_ids_json is not valid JSON ({exc.msg}); write e.g. [3, 4, 5] or {{\"lora\": 3}}") from None
+    if isinstance(value, (int, str)):
+        return [value]
+    if isinstance(value, (list, dict)):
+        return value
+    raise AskError("run_ids_json must be a list of run ids or an object mapping slots to run ids")

@@ -1,0 +1,150 @@
+"""HEFT Studio in a real browser: fill a quick config, launch, watch it finish, compare, ask.
+
+Drives Debian's chromium through Playwright (never a downloaded browser). Set HEFT_SHOTS to a
+directory to also save a screenshot of every step there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: install Debian's chromium (make browser) to run the browser tests"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def studio(tmp_path, monkeypatch, easy_data):
+    """The app on a free port with its own data home and a worker thread polling every 0.2 s."""
+    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "home"))
+    from app.ui import build_demo, launch_kwargs
+    from app.worker import Worker
+    from storage.db import open_db
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, rows in (("train", easy_data.train), ("validation", easy_data.validation)):
+        with open(data / f"{name}.jsonl", "w") as fh:
+            fh.writelines(json.dumps({"question": e.question, "passage": e.passage, "answer": e.answer}) + "\n" for e in rows)
+    db = tmp_path / "home" / "heft.db"
+    engine = open_db(db)
+    worker = Worker(db, slots=[None], poll_seconds=0.2, heartbeat_seconds=1.0)
+    thread = worker.start_in_thread()
+    demo = build_demo(engine)
+    port = free_port()
+    demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_kwargs())
+    try:
+        yield f"http://127.0.0.1:{port}/", engine, str(data)
+    finally:
+        demo.heft_ask_service.close()
+        demo.close()
+        worker.stop()
+        thread.join(timeout=30)
+
+
+def test_train_watch_compare_ask(studio, tiny_model):
+    from playwright.sync_api import expect, sync_playwright
+
+    from storage import queries
+
+    url, engine, data_dir = studio
+    shots = os.environ.get("HEFT_SHOTS")
+
+    def shot(page, name):
+        if shots:
+            Path(shots).mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(Path(shots) / f"browser_{name}.png"), full_page=True)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            expect(page.locator("#heft-launch")).to_be_visible(timeout=30_000)
+
+            # --- Train: a tiny model, tiny local data, all three methods in one batch
+            model_box = page.get_by_label("Base model")
+            model_box.fill(tiny_model)
+            model_box.press("Enter")
+            expect(page.get_by_text("4 layers (valid indices 0..3)")).to_be_visible(timeout=30_000)
+            page.get_by_label("Local BoolQ directory", exact=True).check()
+            local = page.get_by_label("Local BoolQ directory or file")
+            local.fill(data_dir)
+            page.get_by_label("Compare all three (one batch)").check()
+            for label, value in (("train subset (0 = all)", "16"), ("eval subset (0 = all)", "16"), ("max length (tokens)", "64"),
+                                 ("batch size", "4"), ("LoRA learning rate", "0.01"), ("ReFT learning rate", "0.01")):
+                box = page.get_by_label(label, exact=True)
+                box.fill(value)
+                box.press("Tab")
+            reft_layers = page.get_by_label("layers", exact=True)
+            reft_layers.fill("1,2")
+            reft_layers.press("Tab")
+            positions = page.get_by_label("positions", exact=True)
+            positions.fill("l1")
+            positions.press("Tab")
+            expect(page.locator("#heft-estimate")).to_contain_text("optimizer steps", timeout=30_000)
+            expect(page.locator("#heft-estimate")).to_contain_text("16 × 1")
+            shot(page, "train")
+            page.get_by_role("button", name="Launch", exact=True).click()
+            expect(page.locator("#heft-launch-msg")).to_contain_text("Queued 3 runs", timeout=30_000)
+
+            # --- Runs: the live view of the first run until it completes, with its loss chart
+            expect(page.get_by_role("tab", name="Runs", selected=True)).to_be_visible(timeout=10_000)
+            progress = page.locator("#heft-progress")
+            expect(progress).to_contain_text("Run #1", timeout=15_000)
+            expect(progress).to_contain_text("completed", timeout=120_000)
+            plot = page.locator("#heft-loss-plot")
+            expect(plot.locator("canvas, svg").first).to_be_visible(timeout=15_000)
+            expect(page.locator("#heft-eval-plot").locator("canvas, svg").first).to_be_visible(timeout=15_000)
+            shot(page, "runs_finished")
+
+            deadline = time.monotonic() + 150
+            while time.monotonic() < deadline:
+                statuses = [run.status for run in queries.list_runs(engine)]
+                if len(statuses) == 3 and all(s == "completed" for s in statuses):
+                    break
+                time.sleep(0.5)
+            assert statuses == ["completed"] * 3
+            expect(page.locator("#heft-runs-table")).to_contain_text("completed", timeout=10_000)
+
+            # --- Compare: the launched batch is preselected
+            page.get_by_role("tab", name="Compare").click()
+            expect(page.locator("#heft-compare-pick")).to_contain_text("#3 HEFT", timeout=15_000)
+            page.locator("#heft-compare-btn").click()
+            verdict = page.locator("#heft-verdict")
+            expect(verdict).to_contain_text("McNemar p =", timeout=30_000)
+            expect(verdict).to_contain_text("#1 LoRA (1 ep) vs #2 ReFT (1 ep)")
+            expect(page.locator("#heft-compare-loss").locator("canvas, svg").first).to_be_visible(timeout=15_000)
+            shot(page, "compare")
+
+            # --- Ask: the latest run of each method is preselected; four answers side by side
+            page.get_by_role("tab", name="Ask").click()
+            expect(page.get_by_label("HEFT run")).to_have_value(re.compile(r"^#3 HEFT"), timeout=15_000)
+            expect(page.get_by_label("LoRA run")).to_have_value(re.compile(r"^#1 LoRA"))
+            page.get_by_label("Passage").fill("the river town bird stone")
+            page.get_by_label("Question (yes/no)").fill("is the bird red")
+            page.locator("#heft-ask-btn").click()
+            cards = page.locator("#heft-cards .heft-card")
+            expect(cards).to_have_count(4, timeout=60_000)
+            expect(page.locator("#heft-cards .heft-card-error")).to_have_count(0)
+            for title in ("Base", "LoRA · run #1", "ReFT · run #2", "HEFT · run #3"):
+                expect(page.locator("#heft-cards")).to_contain_text(title)
+            expect(page.locator("#heft-cards .heft-answer")).to_have_count(4)
+            shot(page, "ask")
+        finally:
+            browser.close()
