@@ -243,6 +243,7 @@ def build_demo(engine: Any = None) -> gr.Blocks:
                         ask_model = gr.Textbox("embedded", label="Base model when no run is picked")
                         with gr.Row():
                             reload_picks = gr.Button("Reload runs")
+                            release = gr.Button("Release model memory")
                             ask_btn = gr.Button("Answer", variant="primary", elem_id="heft-ask-btn")
                 ask_msg = gr.Markdown("")
                 cards = gr.HTML(views.answer_cards_html([]), elem_id="heft-cards")
@@ -343,9 +344,9 @@ def build_demo(engine: Any = None) -> gr.Blocks:
         def on_row(evt: gr.SelectData):
             row = evt.row_value or []
             try:
-                return int(row[0])
+                return int(row[0]), ""
             except (IndexError, TypeError, ValueError):
-                return gr.skip()
+                return gr.skip(), gr.skip()
 
         def run_view(value: Any, state: dict | None, full: bool):
             """Outputs of the live view; plots and config only when something changed (or full)."""
@@ -379,7 +380,7 @@ def build_demo(engine: Any = None) -> gr.Blocks:
         live_outputs = [progress_md, loss_plot, eval_plot, log_box, config_json, cancel_btn, requeue_btn, delete_btn, zip_btn, live_state, live_timer]
 
         def on_select_run(value: Any, state: dict | None):
-            return run_view(value, state, full=True) + [gr.File(value=None, visible=False), ""]
+            return run_view(value, state, full=True) + [gr.File(value=None, visible=False)]
 
         def on_tick(value: Any, state: dict | None):
             return run_view(value, state, full=False)
@@ -418,8 +419,8 @@ def build_demo(engine: Any = None) -> gr.Blocks:
         table_timer.tick(refresh_table, filters, table_outputs, show_progress="hidden", **PRIVATE)
         gr.on([refresh.click, status_filter.change, method_filter.change, text_filter.submit, runs_tab.select],
               refresh_table, filters, table_outputs, show_progress="hidden", **PRIVATE)
-        runs_table.select(on_row, None, run_id, **PRIVATE)
-        run_id.change(on_select_run, [run_id, live_state], live_outputs + [zip_file, action_msg], show_progress="hidden", **PRIVATE)
+        runs_table.select(on_row, None, [run_id, action_msg], **PRIVATE)
+        run_id.change(on_select_run, [run_id, live_state], live_outputs + [zip_file], show_progress="hidden", **PRIVATE)
         live_timer.tick(on_tick, [run_id, live_state], live_outputs, show_progress="hidden", **PRIVATE)
         cancel_btn.click(on_cancel, run_id, action_msg, **PRIVATE).then(on_tick, [run_id, live_state], live_outputs, **PRIVATE)
         requeue_btn.click(on_requeue, run_id, [action_msg, run_id, table_timer], **PRIVATE)
@@ -512,24 +513,32 @@ def build_demo(engine: Any = None) -> gr.Blocks:
 
         ask_tab.select(on_ask_tab, [pick_lora, pick_reft, pick_heft], [pick_lora, pick_reft, pick_heft, example_source], **PRIVATE)
         reload_picks.click(on_ask_tab, [pick_lora, pick_reft, pick_heft], [pick_lora, pick_reft, pick_heft, example_source], **PRIVATE)
+        def on_release():
+            asker.close()
+            return "Released the loaded model; the next answer loads it again."
+
+        release.click(on_release, None, ask_msg, **PRIVATE)
         example_btn.click(on_example, example_source, [passage, question, gold_md, gold_state], **PRIVATE)
         ask_btn.click(on_ask, [passage, question, pick_lora, pick_reft, pick_heft, ask_model, gold_state], [ask_msg, cards], **PRIVATE)
 
         # ------------------------------------------------------------------ page load
         def on_load(request: gr.Request):
-            wanted = None
-            try:
-                wanted = queries.validate_run_id((request.query_params or {}).get("run")) if request and request.query_params.get("run") else None
-            except ValueError:
-                wanted = None
+            """Re-attach: the run named in ?run=N (and open the Runs tab), else the running or newest run."""
+            wanted, tab = None, gr.skip()
+            asked = request.query_params.get("run") if request is not None and request.query_params else None
+            if asked:
+                try:
+                    wanted, tab = queries.validate_run_id(asked), gr.Tabs(selected="runs")
+                except ValueError:
+                    wanted = None
             if wanted is None:
                 running = queries.list_runs(engine, status="running", limit=1)
                 latest = running or queries.list_runs(engine, limit=1)
                 wanted = latest[0].id if latest else None
             frame, timer = refresh_table("all", "all", "")
-            return frame, timer, wanted
+            return frame, timer, wanted, tab
 
-        demo.load(on_load, None, [runs_table, table_timer, run_id], **PRIVATE)
+        demo.load(on_load, None, [runs_table, table_timer, run_id, tabs], **PRIVATE)
         demo.load(on_model, [model, lora_targets, reft_layers], [lora_targets, model_msg, layers_msg], **PRIVATE)
         demo.load(on_estimate, form_inputs + [upload_path], [estimate, epochs_md], show_progress="hidden", **PRIVATE)
 

@@ -146,5 +146,13 @@ def test_train_watch_compare_ask(studio, tiny_model):
                 expect(page.locator("#heft-cards")).to_contain_text(title)
             expect(page.locator("#heft-cards .heft-answer")).to_have_count(4)
             shot(page, "ask")
+
+            # --- A second tab (or a reload) re-attaches to a run from the database alone
+            other = browser.new_page(viewport={"width": 1400, "height": 1000})
+            other.goto(url + "?run=2")
+            expect(other.get_by_role("tab", name="Runs", selected=True)).to_be_visible(timeout=20_000)
+            expect(other.locator("#heft-progress")).to_contain_text("Run #2", timeout=20_000)
+            expect(other.locator("#heft-progress")).to_contain_text("completed")
+            expect(other.locator("#heft-loss-plot").locator("canvas, svg").first).to_be_visible(timeout=15_000)
         finally:
             browser.close()
