@@ -67,7 +67,7 @@ def launch_kwargs() -> dict[str, Any]:
 
 
 def _msg(text: str, error: bool = False) -> str:
-    return f"❌ {text}" if error else text
+    return f"⚠️ {text}" if error else text
 
 
 def build_demo(engine: Any = None) -> gr.Blocks:
@@ -119,6 +119,7 @@ def build_demo(engine: Any = None) -> gr.Blocks:
                             with gr.Row(visible=False) as upload_row:
                                 upload = gr.File(label="Upload a data file (.jsonl/.json/.csv/.parquet; split 80/20)", file_types=list(views.UPLOAD_EXTENSIONS), scale=2)
                                 upload_path = gr.Textbox("", label="Uploaded file (stored in the data home)", interactive=False, scale=3)
+                            upload_msg = gr.Markdown("", elem_classes="heft-note heft-pad")
                         with gr.Row():
                             name = gr.Textbox(form0["name"], label="Run name (optional)", scale=3)
                             include_base = gr.Checkbox(form0["include_base"], label="Also queue a zero-shot base run (batch only)", visible=base_ok, scale=2)
@@ -330,7 +331,7 @@ def build_demo(engine: Any = None) -> gr.Blocks:
         reft_layers.change(on_layers, [model, reft_layers], layers_msg, show_progress="hidden", **PRIVATE)
         reft_positions.change(views.positions_message, reft_positions, positions_msg, show_progress="hidden", **PRIVATE)
         method.change(on_method, method, [lora_group, reft_group, include_base, lora_epochs, reft_epochs, lora_lr, reft_lr, stage2_mode], **PRIVATE)
-        upload.upload(on_upload, upload, [upload_path, data_kind, model_msg], **PRIVATE)
+        upload.upload(on_upload, upload, [upload_path, data_kind, upload_msg], **PRIVATE)
         gr.on([c.change for c in form_inputs] + [upload_path.change], on_estimate, form_inputs + [upload_path], [estimate, epochs_md],
               trigger_mode="always_last", show_progress="hidden", **PRIVATE)
         data_kind.change(on_data_kind, data_kind, [data_local, upload_row], show_progress="hidden", **PRIVATE)
@@ -354,7 +355,7 @@ def build_demo(engine: Any = None) -> gr.Blocks:
             state = dict(state or {})
             buttons = [gr.Button(interactive=False)] * 4
             if run is None:
-                message = views.progress_markdown(None) if not value else f"❌ Run {value!r} does not exist (it may have been deleted)."
+                message = views.progress_markdown(None) if not value else f"⚠️ Run {value!r} does not exist (it may have been deleted)."
                 new_state = {"run": None, "last_metric": 0, "n_evals": 0, "status": None}
                 return [message, None, None, "", {}, *buttons, new_state, gr.Timer(active=False)]
             metrics = queries.metrics_since(engine, run.id, 0)
