@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 
@@ -41,14 +41,14 @@ def predict(
     pad_id: int,
     batch_size: int,
     device: torch.device,
-    autocast: ContextManager | None = None,
+    autocast: Callable[[], ContextManager] | None = None,
 ) -> list[Prediction]:
-    """P(yes) for each example, in the order given."""
+    """P(yes) for each example, in the order given. ``autocast`` makes a fresh context per batch."""
     model.eval()
     by_uid: dict[str, float] = {}
     for chunk in sorted_batches(examples, batch_size):
         batch = collate(chunk, pad_id).to(device)
-        with autocast or nullcontext():
+        with autocast() if autocast else nullcontext():
             logits = model.answer_logits(batch)
         pair = torch.stack([logits[:, yes_id], logits[:, no_id]], dim=-1).float()
         for uid, p in zip(batch.uids, pair.softmax(-1)[:, 0].tolist()):

@@ -22,7 +22,7 @@ from heft_core.batching import collate
 from heft_core.evaluate import Prediction, predict
 from heft_core.models import is_embedded, load_model, load_tokenizer, model_info
 from heft_core.prompt import PromptEncoder, PromptTemplate
-from heft_core.train import resolve_precision
+from heft_core.train import EVAL_SUBSET_SEED, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class SideBySide:
             return predict(
                 variant.answer_model, variant.encoder.encode_examples(examples), yes_id=variant.encoder.yes_id,
                 no_id=variant.encoder.no_id, pad_id=self.tokenizer.pad_token_id, batch_size=batch_size,
-                device=self.device, autocast=_autocast(self.device, self.precision),
+                device=self.device, autocast=lambda: _autocast(self.device, self.precision),
             )
 
 
@@ -169,13 +169,13 @@ def evaluate_run(run_dir: str | Path, data_source: str | None = None, eval_size:
     config = artifacts.config
     source = data_source or config.data
     data = data_lib.load_data(source)
-    examples = data_lib.subset(data.validation, eval_size if eval_size is not None else config.eval_size, config.seed)
+    examples = data_lib.subset(data.validation, eval_size if eval_size is not None else config.eval_size, EVAL_SUBSET_SEED)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, dtype = resolve_precision(precision)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, dtype=dtype, device=device)
     answer_model = answer_model_for_run(artifacts, model) if config.method != "base" else PlainAnswerModel(model)
     encoder = PromptEncoder(tokenizer, config.template, config.max_length)
-    predictions = predict(answer_model, encoder.encode_examples(examples), yes_id=encoder.yes_id, no_id=encoder.no_id, pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device, autocast=_autocast(device, precision))
+    predictions = predict(answer_model, encoder.encode_examples(examples), yes_id=encoder.yes_id, no_id=encoder.no_id, pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device, autocast=lambda: _autocast(device, precision))
     return accuracy_of(predictions), predictions, data_lib.eval_signature(examples)
 

@@ -31,6 +31,8 @@ from heft_core.stats import AccuracyResult
 
 logger = logging.getLogger(__name__)
 
+EVAL_SUBSET_SEED = 0
+
 
 @dataclass
 class Prepared:
@@ -51,9 +53,10 @@ def prepare(config: RunConfig, data: data_lib.DatasetSplits | None = None) -> Pr
     info = model_info(config.model)
     config.validate_for_model(info.num_layers, set(info.linear_modules))
     if data is None:
-        data = data_lib.load_data(config.data)  # fixed data seed: runs with other seeds stay comparable
+        data = data_lib.load_data(config.data)
     train_examples = data_lib.subset(data.train, config.train_size, config.seed) if config.method != "base" else []
-    eval_examples = data_lib.subset(data.validation, config.eval_size, config.seed)
+    # The eval subset ignores the run's seed so that runs of any seed are paired on the same questions.
+    eval_examples = data_lib.subset(data.validation, config.eval_size, EVAL_SUBSET_SEED)
     if config.method != "base":
         if not train_examples:
             raise ConfigError("data", f"{data.label} has no training rows")
@@ -113,6 +116,18 @@ def stage_steps(num_examples: int, settings: StageSettings, num_processes: int =
     return math.ceil(batches / settings.grad_accum) * settings.epochs
 
 
+def _accelerator(mixed_precision: str) -> Any:
+    """An Accelerator for this run. accelerate keeps its state per process; a single-process
+    caller (tests, the CLI, benchmarks) may train runs of different precisions one after another."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state and str(state.get("_mixed_precision")) != mixed_precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision)
+
+
 def _lora_fingerprint(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -148,7 +163,7 @@ class _Trainer:
     def evaluate(self, model: AnswerModel, stage: str, epoch: int) -> None:
         predictions = predict(
             model, self.p.eval_encoded, yes_id=self.p.encoder.yes_id, no_id=self.p.encoder.no_id,
-            pad_id=self.pad_id, batch_size=self.config.eval_batch_size, device=self.device, autocast=self.autocast(),
+            pad_id=self.pad_id, batch_size=self.config.eval_batch_size, device=self.device, autocast=self.autocast,
         )
         acc = accuracy_of(predictions)
         event = EvalEvent(stage, epoch, self.cumulative_epoch, acc.accuracy, acc.low, acc.high, acc.n)
@@ -164,7 +179,9 @@ class _Trainer:
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         total = stage_steps(len(self.p.train_encoded), settings, self.accelerator.num_processes)
         scheduler = get_scheduler(settings.scheduler, optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total)
-        optimizer, scheduler = self.accelerator.prepare(optimizer, scheduler)
+        # The optimizer goes through accelerate (fp16 loss scaling); the scheduler does not, since
+        # accelerate would step it once per process while our step counts are already per process.
+        optimizer = self.accelerator.prepare(optimizer)
         targets_of = torch.tensor([self.p.encoder.no_id, self.p.encoder.yes_id], device=self.device)
         rng = random.Random(f"{self.config.seed}-{stage}")
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
@@ -189,7 +206,7 @@ class _Trainer:
                         if param.grad is not None:
                             param.grad = self.accelerator.reduce(param.grad, "mean")
                 if settings.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+                    self.accelerator.clip_grad_norm_(params, settings.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -216,7 +233,6 @@ class _Trainer:
 
 def train(config: RunConfig, output_dir: str | Path, callbacks: Sequence[TrainerCallback] | None = None, data: data_lib.DatasetSplits | None = None) -> RunResult:
     """Train ``config.method`` and write the run directory. Returns the final evaluation."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     from heft_core.artifacts import save_run
@@ -224,7 +240,7 @@ def train(config: RunConfig, output_dir: str | Path, callbacks: Sequence[Trainer
     cb = CallbackList(callbacks)
     prepared = prepare(config, data)  # every check happens before weights load
     mixed_precision, dtype = resolve_precision(config.precision)
-    accelerator = Accelerator(mixed_precision=mixed_precision)
+    accelerator = _accelerator(mixed_precision)
     set_seed(config.seed)
     model = load_model(config.model, dtype=dtype, device=accelerator.device)
     trainer = _Trainer(prepared, accelerator, cb)

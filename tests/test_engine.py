@@ -229,3 +229,14 @@ def test_training_is_deterministic_under_a_fixed_seed(runs, tiny_model, easy_dat
     again = train(make_config(tiny_model, "reft"), tmp_path / "again", data=easy_data)
     assert [s.loss for s in again.steps] == [s.loss for s in runs["reft"].steps]
     assert [p.p_yes for p in again.predictions] == [p.p_yes for p in runs["reft"].predictions]
+
+
+def test_bf16_mixed_precision_trains_evaluates_and_reloads(tiny_model, easy_data, tmp_path, monkeypatch):
+    import heft_core.data as data_lib
+
+    result = train(make_config(tiny_model, "heft", precision="bf16"), tmp_path / "bf16", data=easy_data)
+    assert result.status == "completed" and len(result.evals) == 4
+    assert result.accuracy.accuracy > 0.75
+    monkeypatch.setattr(data_lib, "load_data", lambda source, **_: easy_data)
+    _, predictions, _ = evaluate_run(tmp_path / "bf16", precision="bf16")
+    assert [p.p_yes for p in predictions] == [p.p_yes for p in result.predictions]
