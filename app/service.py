@@ -6,6 +6,7 @@ on its options after a model has loaded.
 """
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any, Sequence
 
@@ -25,9 +26,19 @@ def check_config(config: RunConfig) -> None:
     validate_source(config.data)
 
 
+METHOD_TITLES = {"base": "Base (zero-shot)", "lora": "LoRA", "reft": "ReFT", "heft": "HEFT"}
+
+
 def default_name(config: RunConfig) -> str:
+    """e.g. "HEFT 1+2 ep · embedded · boolq" (paths shortened to their last part)."""
+    if config.name:
+        return config.name
     epochs = "+".join(str(stage.epochs) for _, stage in config.stages()) or "0"
-    return config.name or f"{config.method.upper()} {epochs} ep · {config.model} · {config.data}"
+    return f"{METHOD_TITLES[config.method]} {epochs} ep · {_short(config.model)} · {_short(config.data)}"
+
+
+def _short(ref: str) -> str:
+    return os.path.basename(os.path.normpath(ref)) if os.sep in ref else ref
 
 
 def submit_runs(engine: Any, configs: Sequence[RunConfig], batch: bool | None = None) -> list[Run]:

@@ -387,14 +387,8 @@ def layers_message(text: str, num_layers: int | None, option: str = "reft.layers
 
 # --------------------------------------------------------------------------- model shapes and estimates
 
-# Shapes of the two preset models, so estimates are instant and work without hub access
-# (reading the embedded model's config from its GGUF file takes ~10 s on a small CPU).
+# The paper's model, so its preset gets an estimate without hub access.
 _KNOWN_SHAPES: dict[str, dict[str, Any]] = {
-    EMBEDDED_MODEL: {  # SmolLM2-135M: 9 heads x 64, 3 KV heads, intermediate 1536
-        "num_layers": 30, "hidden_size": 576,
-        "linear": {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576),
-                   "gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)},
-    },
     PAPER_MODEL: {
         "num_layers": 32, "hidden_size": 4096,
         "linear": {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
@@ -403,34 +397,18 @@ _KNOWN_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-@functools.lru_cache(maxsize=16)
 def model_shape(model_ref: str) -> dict[str, Any]:
     """{"num_layers", "hidden_size", "linear": {module: (in, out)}} for a model, from its config only.
 
-    Raises ModelLoadError with a readable message when the model cannot be read. The embedded
-    model and the paper's Llama-2-7B use built-in shapes.
+    Raises ModelLoadError with a readable message when the model cannot be read.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from heft_core import models as hm
 
     ref = (model_ref or "").strip()
-    known = EMBEDDED_MODEL if hm.is_embedded(ref) else ref
-    if known in _KNOWN_SHAPES:
-        return _KNOWN_SHAPES[known]
-    info = hm.model_info(ref)
-    try:
-        config = AutoConfig.from_pretrained(hm.resolve_model_path(ref), trust_remote_code=False)
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-        linear: dict[str, tuple[int, int]] = {}
-        for name, module in skeleton.named_modules():
-            short = name.rsplit(".", 1)[-1]
-            if isinstance(module, torch.nn.Linear) and short in info.linear_modules and short not in linear:
-                linear[short] = (module.in_features, module.out_features)
-    except Exception:  # shapes only feed an estimate; fall back to d x d per module
-        linear = {name: (info.hidden_size, info.hidden_size) for name in info.linear_modules}
+    if ref in _KNOWN_SHAPES:
+        return _KNOWN_SHAPES[ref]
+    info = hm.model_info(ref)  # cached per model reference
+    linear = {name: (fan_in, fan_out) for name, fan_in, fan_out in info.linear_shapes}
     return {"num_layers": info.num_layers, "hidden_size": info.hidden_size, "linear": linear}
 
 

@@ -105,6 +105,13 @@ class ModelInfo:
     num_layers: int
     hidden_size: int
     linear_modules: frozenset[str]
+    linear_shapes: tuple[tuple[str, int, int], ...] = ()  # (name, in_features, out_features), one per kind
+
+    def linear_shape(self, name: str) -> tuple[int, int]:
+        for module, fan_in, fan_out in self.linear_shapes:
+            if module == name:
+                return fan_in, fan_out
+        raise KeyError(name)
 
 
 @functools.lru_cache(maxsize=16)  # a pure function of the reference; configs are small
@@ -125,9 +132,15 @@ def model_info(model_ref: str) -> ModelInfo:
         raise _friendly(model_ref, exc) from exc
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    names = {name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)}
-    names.discard("lm_head")  # the output head is not a LoRA target here
-    return ModelInfo(model_ref, config.model_type, config.num_hidden_layers, config.hidden_size, frozenset(names))
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in skeleton.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear) and short != "lm_head":  # the head is not a LoRA target
+            shapes.setdefault(short, (module.in_features, module.out_features))
+    return ModelInfo(
+        model_ref, config.model_type, config.num_hidden_layers, config.hidden_size, frozenset(shapes),
+        tuple((name, fan_in, fan_out) for name, (fan_in, fan_out) in sorted(shapes.items())),
+    )
 
 
 def load_tokenizer(model_ref: str) -> Any:
