@@ -5,6 +5,7 @@ The easy set is learnable in a few dozen steps by a 4-layer random model: the an
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -55,3 +56,25 @@ def tiny_model(tmp_path_factory, easy_data) -> str:
     texts = [e.passage + " " + e.question for e in easy_data.train + easy_data.validation]
     texts.append(" ".join(YES_WORDS + NO_WORDS + FILLER))
     return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), texts, layers=4, hidden=64))
+
+
+def write_jsonl_splits(directory: Path, splits) -> Path:
+    """Write splits as train.jsonl / validation.jsonl in the google/boolq schema."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", splits.train), ("validation", splits.validation)):
+        with open(directory / f"{name}.jsonl", "w") as fh:
+            fh.writelines(json.dumps({"question": e.question, "passage": e.passage, "answer": e.answer}) + "\n" for e in rows)
+    return directory
+
+
+@pytest.fixture
+def data_dir(tmp_path, easy_data) -> str:
+    """The easy set as a local data source, for code that loads data by path (children, the UI)."""
+    return str(write_jsonl_splits(tmp_path / "data", easy_data))
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A private data home (HEFT_HOME) for this test."""
+    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"

@@ -199,20 +199,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "home"))
-    return tmp_path / "home"
-
-
-@pytest.fixture
-def data_dir(tmp_path, easy_data):
-    directory = tmp_path / "data"
-    directory.mkdir()
-    for name, rows in (("train", easy_data.train), ("validation", easy_data.validation)):
-        with open(directory / f"{name}.jsonl", "w") as fh:
-            fh.writelines(json.dumps({"question": e.question, "passage": e.passage, "answer": e.answer}) + "\n" for e in rows)
-    return str(directory)
 
 
 def tiny_config(model: str, data: str, method: str = "lora") -> dict:

@@ -29,18 +29,13 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def studio(tmp_path, monkeypatch, easy_data):
+def studio(tmp_path, home, data_dir):
     """The app on a free port with its own data home and a worker thread polling every 0.2 s."""
-    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "home"))
     from app.ui import build_demo, launch_kwargs
     from app.worker import Worker
     from storage.db import open_db
 
-    data = tmp_path / "data"
-    data.mkdir()
-    for name, rows in (("train", easy_data.train), ("validation", easy_data.validation)):
-        with open(data / f"{name}.jsonl", "w") as fh:
-            fh.writelines(json.dumps({"question": e.question, "passage": e.passage, "answer": e.answer}) + "\n" for e in rows)
+    data = Path(data_dir)
     db = tmp_path / "home" / "heft.db"
     engine = open_db(db)
     worker = Worker(db, slots=[None], poll_seconds=0.2, heartbeat_seconds=1.0)

@@ -123,17 +123,7 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tiny_model, tmp_pa
     assert "Traceback" not in proc.stderr
 
 
-def _write_jsonl(directory, splits):
-    directory.mkdir()
-    for name, rows in (("train", splits.train), ("validation", splits.validation)):
-        with open(directory / f"{name}.jsonl", "w") as fh:
-            for e in rows:
-                fh.write(json.dumps({"question": e.question, "passage": e.passage, "answer": e.answer}) + "\n")
-    return directory
-
-
-def test_cli_train_eval_ask_compare(tiny_model, easy_data, tmp_path, capsys):
-    data_dir = _write_jsonl(tmp_path / "data", easy_data)
+def test_cli_train_eval_ask_compare(tiny_model, easy_data, data_dir, tmp_path, capsys):
     config_file = tmp_path / "config.yaml"
     config_file.write_text("template:\n  after_question: ''\nmax_length: 64\nseed: 3\n")
     common = ["--model", tiny_model, "--data", str(data_dir), "--config", str(config_file), "--batch-size", "8", "--no-progress",
