@@ -150,7 +150,8 @@ class DbRecorder:
     its worker (one INSERT through the storage models); from then on only storage.queries
     functions are used: ``set_artifact_dir``, ``update_progress``/``heartbeat`` (a thread keeps
     the heartbeat fresh so the UI does not mark the run interrupted during long evaluations),
-    ``add_step_metrics``, ``add_epoch_eval`` and ``finish_run``.
+    ``add_step_metrics``, ``add_epoch_eval``, ``is_cancel_requested`` (a cancel in the UI stops
+    the run at the next step) and ``finish_run``.
     """
 
     def __init__(self, engine: Any, *, name: str, method: str, config: dict[str, Any], base_model: str, data_source: str, eval_signature: str, batch_id: str, total_epochs: float, run_dir: Path):
@@ -174,6 +175,8 @@ class DbRecorder:
         queries.set_artifact_dir(engine, self.run_id, run_dir)
         self.pending: list[dict[str, Any]] = []
         self.progress: dict[str, Any] = {}
+        self.cancelled = False
+        self.last_cancel_check = 0.0
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name=f"heartbeat-{self.run_id}", daemon=True)
         self._beat.start()
@@ -211,7 +214,12 @@ class DbRecorder:
         logger.info(message)
 
     def should_stop(self) -> bool:
-        return False
+        """Honour a cancel from the UI (checked at most every 10 s)."""
+        now = time.monotonic()
+        if not self.cancelled and now - self.last_cancel_check >= 10.0:
+            self.last_cancel_check = now
+            self.cancelled = self.queries.is_cancel_requested(self.engine, self.run_id)
+        return self.cancelled
 
     def flush(self) -> None:
         if self.pending:
@@ -263,6 +271,8 @@ def run_one(plan: Plan, args: argparse.Namespace, data: Any, run_dir: Path, engi
         return outcome
     if recorder:
         recorder.finish(result, None, eval_signature)
+    if result.status != "completed":
+        outcome.error = result.status
     acc = result.accuracy
     if acc is not None:
         outcome.accuracy, outcome.low, outcome.high, outcome.n = acc.accuracy, acc.low, acc.high, acc.n

@@ -262,9 +262,7 @@ class Side:
 
     name: str
     losses: list[float]
-    tokens_per_batch: list[int]  # real tokens counted for tokens/s (same for both sides)
-    flops_per_batch: list[float]  # executed model FLOPs of each batch (this side's own shapes)
-    position: int = 0
+    position: int = 0  # batches consumed so far
 
     def run(self, n: int) -> None:
         raise NotImplementedError
@@ -520,7 +518,8 @@ def build_side(kind: str, opts: BenchOptions, workload: Workload, max_steps: int
         torch.manual_seed(opts.seed)
         config = LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha, lora_dropout=0.0, target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(base, config)
-        return TrainerSide(kind, model, workload.reference(device), lr=opts.lora_lr, max_steps=max_steps, device=device, bf16=opts.bf16_autocast_ref, seed=opts.seed)
+        # CPU batches, as a user's dataset gives them: the Trainer pins and moves them itself.
+        return TrainerSide(kind, model, workload.reference(torch.device("cpu")), lr=opts.lora_lr, max_steps=max_steps, device=device, bf16=opts.bf16_autocast_ref, seed=opts.seed)
     if kind in ("reft-ours", "heft2-ours"):
         base = load_base(opts, ours=True)
         layers, hidden = model_shape(base)
@@ -820,42 +819,46 @@ def eval_pair(model: Any, tokenizer: Any, examples: Sequence[Any], *, yes_id: in
     answer_model = PlainAnswerModel(model)
     context = autocast or nullcontext
 
-    def ours(questions: Sequence[Any]) -> float:
+    def ours(chunk: Sequence[Any]) -> int:
         factory = _ContextFactory(autocast) if autocast else None
-        predictions = predict(answer_model, questions, yes_id=yes_id, no_id=no_id, pad_id=pad_id, batch_size=batch_size, device=device, autocast=factory)
-        return accuracy_of(predictions).accuracy
+        predictions = predict(answer_model, chunk, yes_id=yes_id, no_id=no_id, pad_id=pad_id, batch_size=batch_size, device=device, autocast=factory)
+        return sum(p.correct for p in predictions)
 
-    def generation(questions: Sequence[Any]) -> float:
-        correct = 0
+    def generation(chunk: Sequence[Any]) -> int:
         model.eval()
-        for chunk in sorted_batches(questions, batch_size):
-            batch = collate(chunk, pad_id).to(device)
-            with torch.no_grad(), context():
-                out = model.generate(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-                    do_sample=False, num_beams=1, pad_token_id=pad_id, use_cache=True, temperature=None, top_p=None, top_k=None,
-                )
-            new_tokens = out[:, batch.input_ids.shape[1]:]
-            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else [""] * len(chunk)
-            for text, example in zip(texts, chunk):
-                correct += generation_answer(text) == example.label
-        return correct / len(questions)
+        batch = collate(chunk, pad_id).to(device)
+        with torch.no_grad(), context():
+            out = model.generate(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
+                do_sample=False, num_beams=1, pad_token_id=pad_id, use_cache=True, temperature=None, top_p=None, top_k=None,
+            )
+        new_tokens = out[:, batch.input_ids.shape[1]:]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else [""] * len(chunk)
+        return sum(generation_answer(text) == example.label for text, example in zip(texts, chunk))
 
+    # Both sides score the same length-sorted batches; they alternate batch by batch (order
+    # flipping every batch), so a burst of load from other processes hits both sides alike.
     sides = {"heft_core predict": ours, "generate + string match": generation}
-    seconds: dict[str, list[float]] = {name: [] for name in sides}
-    accuracy: dict[str, float] = {}
+    names = list(sides)
+    batches = sorted_batches(examples, batch_size)
     for name, fn in sides.items():  # warmup on one batch
         logger.info("eval warmup: %s", name)
-        fn(examples[:batch_size])
+        fn(batches[0])
+    seconds: dict[str, list[float]] = {name: [0.0] * repeats for name in sides}
+    correct: dict[str, int] = {name: 0 for name in sides}
     for round_index in range(repeats):
-        names = list(sides)[round_index % 2:] + list(sides)[: round_index % 2]
-        for name in names:
-            synchronize(device)
-            start = time.perf_counter()
-            accuracy[name] = sides[name](examples)
-            synchronize(device)
-            seconds[name].append(time.perf_counter() - start)
-            logger.info("eval round %d %s: %.2f s", round_index + 1, name, seconds[name][-1])
+        for index, chunk in enumerate(batches):
+            order = names if (index + round_index) % 2 == 0 else names[::-1]
+            for name in order:
+                synchronize(device)
+                start = time.perf_counter()
+                right = sides[name](chunk)
+                synchronize(device)
+                seconds[name][round_index] += time.perf_counter() - start
+                if round_index == 0:
+                    correct[name] += right
+        logger.info("eval round %d: %s", round_index + 1, ", ".join(f"{name} {seconds[name][round_index]:.2f} s" for name in names))
+    accuracy = {name: correct[name] / len(examples) for name in names}
     n = len(examples)
     # questions/s ratio = inverse time ratio (same questions on both sides)
     ratios = [gen / ours_s for ours_s, gen in zip(seconds["heft_core predict"], seconds["generate + string match"])]
@@ -932,14 +935,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="embedded", help="'embedded', a local model directory or a hub id")
     parser.add_argument("--data", default=None, help=f"data source (default: {DEFAULT_BOOLQ} if present, else 'synthetic')")
-    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per side per round")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of alternation")
+    parser.add_argument("--steps", type=int, default=1, help="timed optimizer steps per side per round (small = fine alternation, robust to other load)")
+    parser.add_argument("--repeats", type=int, default=8, help="rounds of alternation")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side before the first round")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--passage-tokens", type=int, default=200, help="passages are cut to this many tokens; question and answer cue stay whole")
     parser.add_argument("--max-length", type=int, default=None, help="hard cap on the whole prompt (default: passage tokens + question + template)")
     parser.add_argument("--eval-questions", type=int, default=64)
-    parser.add_argument("--eval-repeats", type=int, default=None, help="rounds of the evaluation pair (default: --repeats)")
+    parser.add_argument("--eval-repeats", type=int, default=3, help="rounds of the evaluation pair")
     parser.add_argument("--max-new-tokens", type=int, default=3, help="generation length of the reference evaluator")
     parser.add_argument("--memory-repeats", type=int, default=2, help="subprocess runs per side (A,B,A,B); 0 skips memory")
     parser.add_argument("--memory-steps", type=int, default=2, help="optimizer steps in each memory subprocess")
@@ -964,9 +967,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.eval_questions = min(args.eval_questions, 4)
         args.memory_repeats = min(args.memory_repeats, 1)
         args.memory_steps = 1
+        args.eval_repeats = min(args.eval_repeats, 2)
     if args.data is None:
         args.data = str(DEFAULT_BOOLQ) if DEFAULT_BOOLQ.is_dir() else "synthetic"
-    args.eval_repeats = args.eval_repeats or args.repeats
     return args
 
 
@@ -1137,7 +1140,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"- data: {workload.label}; {len(workload.chunks)} batches of {args.batch_size}, built once and shared by every side; passages cut to {args.passage_tokens} tokens"
         + (f", prompts capped at {args.max_length}" if args.max_length else ""),
         f"- real prompt tokens per batch: median {median(tokens):.0f} (padded width median {median(widths):.0f}); tokens/s counts real prompt tokens, identical for both sides",
-        f"- timing: {args.warmup} warmup step(s) per side, then {args.repeats} rounds × {args.steps} steps per side, order rotating each round; ratio = median over rounds of (side tokens/s ÷ reference tokens/s in the same round)",
+        f"- timing: {args.warmup} warmup step(s) per side, then {args.repeats} rounds × {args.steps} step(s) per side on the same batches, order rotating each round; ratio = median over rounds of (side tokens/s ÷ reference tokens/s in the same round); evaluation alternates batch by batch",
         f"- optimizer (all sides): AdamW, constant lr (LoRA {args.lora_lr:g}, ReFT {args.reft_lr:g}), no warmup, weight decay 0, grad-norm clip {MAX_GRAD_NORM}; adapter dropout 0 so that losses are comparable; same initial adapter weights (copied)",
         f"- memory: each side alone in a fresh spawn subprocess ({args.memory_repeats} run(s) per side, alternating, {args.memory_steps} step(s) each); after the model and adapter are built the RSS high-water mark is reset (/proc/self/clear_refs); peak RSS = VmHWM during training; training increment = that peak − RSS before the first step",
         "- FLOPs (see `step_flops`): forward 2·P_layers·B·T + 4·L·B·T²·d + 2·d·V·(logit positions); backward = input gradients only through the layers above the lowest trainable one (1× linear, 2× attention) + head; utilisation = achieved ÷ matmul peak",
