@@ -103,19 +103,6 @@ class RunResult:
         }
 
 
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matrix units (AMX or AVX512-BF16), where bf16 autocast pays.
-
-    Elsewhere bf16 on CPU is emulated and slower than fp32.
-    """
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def resolve_precision(precision: str) -> tuple[str, torch.dtype]:
     """accelerate's mixed-precision mode and the dtype to hold base weights in.
 

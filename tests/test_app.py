@@ -28,11 +28,11 @@ def test_presets_fill_every_field_and_build_configs(preset):
 
 def test_quick_preset_matches_the_brief():
     [config] = views.form_to_configs(views.preset_form(views.PRESET_QUICK))
-    assert (config.model, config.data, config.train_size, config.eval_size, config.max_length) == ("embedded", "synthetic", 64, 64, 128)
+    assert (config.model, config.data, config.train_size, config.eval_size, config.max_length) == ("embedded", "synthetic", 128, 64, 128)
     assert config.lora_stage.batch_size == config.reft_stage.batch_size == 8
-    assert (config.lora.rank, config.lora.target_modules, config.lora_stage.learning_rate) == (8, ["q_proj", "v_proj"], 5e-4)
-    assert (config.reft.rank, config.reft.layers, config.reft.positions, config.reft_stage.learning_rate) == (4, [8, 16, 24], "l1", 5e-3)
-    assert config.total_epochs == 2
+    assert (config.lora.rank, config.lora.target_modules, config.lora_stage.learning_rate) == (8, ["q_proj", "v_proj"], 1e-3)
+    assert (config.reft.rank, config.reft.layers, config.reft.positions, config.reft_stage.learning_rate) == (4, [8, 16, 24], "l1", 1e-3)
+    assert (config.lora_stage.epochs, config.reft_stage.epochs) == (3, 1)
 
 
 def test_paper_preset_uses_full_hub_boolq_and_bf16():
@@ -92,7 +92,7 @@ def test_parameter_estimates():
     assert views.reft_params(576, 4, 3, "f7+l7", True) == (2 * 576 * 4 + 4) * 3
     assert views.optimizer_steps(64, 8, 1, 1) == 8 and views.optimizer_steps(9427, 16, 2, 2) == 590
     text = views.estimate_markdown(views.preset_form(views.PRESET_QUICK))
-    assert "460,800" in text and "13,836" in text and "**2 epochs**" in text and "64 × 1" in text
+    assert "460,800" in text and "13,836" in text and "**4 epochs**" in text and "128 × 3" in text and "128 × 1" in text
 
 
 def test_model_shape_reads_a_local_model(tiny_model):

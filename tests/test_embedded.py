@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from heft_core.config import LoraSettings, ReftSettings, RunConfig, StageSettings
-from heft_core.train import cpu_has_native_bf16, train
+from heft_core.config import RunConfig
+from heft_core.train import train
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,19 +34,14 @@ def test_two_processes_converting_the_cache_at_once_get_one_whole_cache(tmp_path
     assert [p.name for p in cache.parent.iterdir() if p.name.startswith(".")] == []
 
 
-def test_short_heft_run_beats_the_zero_shot_baseline_on_synthetic_data(tmp_path):
-    precision = "bf16" if cpu_has_native_bf16() else "no"
-    common = dict(model="embedded", data="synthetic", train_size=128, eval_size=64, max_length=128, seed=42, precision=precision)
-    base = train(RunConfig(method="base", **common), tmp_path / "base")
-    heft = train(
-        RunConfig(
-            method="heft", **common,
-            lora=LoraSettings(rank=8, target_modules=["q_proj", "v_proj"]),
-            reft=ReftSettings(rank=4, layers=[8, 16, 24], positions="l1"),
-            lora_stage=StageSettings(epochs=2, learning_rate=2e-3, batch_size=8),
-            reft_stage=StageSettings(epochs=1, learning_rate=1e-3, batch_size=8),
-        ),
-        tmp_path / "heft",
-    )
+def test_quick_cpu_preset_heft_run_beats_the_zero_shot_baseline(tmp_path):
+    """The UI's "Quick CPU demo" preset, trained for real: it must visibly learn."""
+    from app import views
+
+    [heft_config] = views.form_to_configs(views.preset_form(views.PRESET_QUICK))
+    assert heft_config.method == "heft" and heft_config.data == "synthetic"
+    base_config = RunConfig.from_dict({**heft_config.to_dict(), "method": "base"})
+    base = train(base_config, tmp_path / "base")
+    heft = train(heft_config, tmp_path / "heft")
     assert heft.status == "completed"
     assert heft.accuracy.accuracy >= base.accuracy.accuracy + 0.1, (base.accuracy, heft.accuracy)
