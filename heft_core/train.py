@@ -116,7 +116,9 @@ def resolve_precision(precision: str) -> tuple[str, torch.dtype]:
 
 
 def stage_steps(num_examples: int, settings: StageSettings, num_processes: int = 1) -> int:
-    batches = math.ceil(math.ceil(num_examples / settings.batch_size) / num_processes)
+    batches = math.ceil(num_examples / settings.batch_size)
+    if num_processes > 1:
+        batches //= num_processes  # see run_stage: batches are split evenly across processes
     return math.ceil(batches / settings.grad_accum) * settings.epochs
 
 
@@ -192,7 +194,9 @@ class _Trainer:
 
         for epoch in range(1, settings.epochs + 1):
             model.train()
-            batches = length_grouped_batches(self.p.train_encoded, settings.batch_size, rng)[rank::world]
+            batches = length_grouped_batches(self.p.train_encoded, settings.batch_size, rng)
+            if world > 1:  # every process takes the same number of batches, or the reduce would hang
+                batches = batches[: len(batches) - len(batches) % world][rank::world]
             window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
             for index, chunk in enumerate(batches):
                 batch = collate(chunk, self.pad_id).to(self.device)
@@ -200,8 +204,10 @@ class _Trainer:
                     logits = model.answer_logits(batch)
                 # Cross-entropy over the vocabulary at the answer position only.
                 loss = F.cross_entropy(logits.float(), targets_of[batch.labels])
-                self.accelerator.backward(loss / settings.grad_accum)
-                window_loss += loss.item() / settings.grad_accum
+                # A last, shorter accumulation window is averaged over its own length.
+                window = min(settings.grad_accum, len(batches) - index // settings.grad_accum * settings.grad_accum)
+                self.accelerator.backward(loss / window)
+                window_loss += loss.item() / window
                 window_tokens += batch.num_tokens
                 if (index + 1) % settings.grad_accum and index + 1 != len(batches):
                     continue
