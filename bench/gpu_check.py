@@ -149,8 +149,12 @@ def main(argv: Sequence[str] | None = None) -> str:
             raise RuntimeError("CUDA is not available to this Python")
         peaks = {"bf16": matmul_peak(device, torch.bfloat16, n=256 if args.tiny else 8192, iters=3 if args.tiny else 20)}
         if device.type == "cuda":
+            previous = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = True
-            peaks["tf32"] = matmul_peak(device, torch.float32, n=8192, iters=10)
+            try:
+                peaks["tf32"] = matmul_peak(device, torch.float32, n=8192, iters=10)
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
         report.add([
             "## Environment", "",
             *[f"- {k}: {v}" for k, v in machine_description(device).items()],

@@ -20,9 +20,10 @@ Pairs
 - Evaluation: heft_core ``predict`` (one forward, two logits) vs greedy ``generate`` of a few
   tokens and a string match of yes/no, as pyreft's example evaluator does.
 - Memory: each training side runs alone in a fresh ``spawn`` subprocess (A, B, A, B ...);
-  there the RSS high-water mark (``VmHWM``) is reset once the model and adapter are built, and
-  read after the training steps: "training increment" is that peak minus the RSS before the
-  first step (``ru_maxrss`` would include the parent's RSS, see :func:`_memory_child`).
+  there the weights are copied out of their memory map, the RSS high-water mark (``VmHWM``) is
+  reset once the model and adapter are built, and read after the training steps: "training
+  increment" is that peak minus the RSS before the first step (``ru_maxrss`` would include the
+  parent's RSS; see :func:`_memory_child` and :func:`_make_weights_anonymous`).
 - Utilisation: achieved model FLOP/s (formula in :func:`step_flops`) over the peak FLOP/s of a
   plain 2048x2048 matmul measured in the same run (fp32 and bf16).
 
@@ -639,6 +640,18 @@ def alternate(sides: Sequence[Side], *, warmup: int, steps: int, repeats: int, d
     return timings
 
 
+def copy_from_first(sides: Sequence[Side]) -> None:
+    """Every side starts from the first side's adapter weights."""
+    for index in range(1, len(sides)):
+        copy_initial_weights(sides[0], sides[index])
+
+
+def close_all(sides: list[Side]) -> None:
+    """Close every side and drop the references, so their models can be freed."""
+    while sides:
+        sides.pop().close()
+
+
 def paired_ratios(a: SideTiming, b: SideTiming) -> list[float]:
     """Per-round speed ratio a/b (tokens per second; same tokens per chunk on both sides)."""
     return [ta / tb for ta, tb in zip(a.tokens_per_second, b.tokens_per_second)]
@@ -731,6 +744,29 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _side_modules(side: Side) -> list[torch.nn.Module]:
+    if isinstance(side, TrainerSide):
+        return [side.trainer.model]
+    model = side.model
+    return [m for m in (getattr(model, "module", None), getattr(model, "model", None), model) if isinstance(m, torch.nn.Module)]
+
+
+def _make_weights_anonymous(side: Side) -> None:
+    """Copy memory-mapped weights into ordinary memory.
+
+    safetensors weights can stay file-backed (mmap); the kernel may drop such pages under
+    memory pressure mid-run, which lowers RSS by up to the model's size and makes the peak
+    depend on other processes. Copied weights count in RSS for every side alike.
+    """
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in _side_modules(side):
+            for tensor in list(module.parameters()) + list(module.buffers()):
+                if id(tensor) not in seen and tensor.device.type == "cpu":
+                    seen.add(id(tensor))
+                    tensor.data = tensor.data.clone()
+
+
 def _memory_child(kind: str, opts: BenchOptions, workload: Workload, steps: int, threads: int) -> dict[str, float]:
     """In a fresh spawn process: build one side, reset the RSS high-water mark, train, read it.
 
@@ -741,6 +777,7 @@ def _memory_child(kind: str, opts: BenchOptions, workload: Workload, steps: int,
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(threads)
     side = build_side(kind, opts, workload, max_steps=steps)
+    _make_weights_anonymous(side)
     build_peak = _proc_status_bytes("VmHWM")
     if build_peak is None or not _reset_peak_rss():  # not Linux: fall back to ru_maxrss
         scale = 1 if sys.platform == "darwin" else 1024
@@ -1004,14 +1041,11 @@ def run_lora_group(args: argparse.Namespace, opts: BenchOptions, workload: Workl
         for kind in kinds:
             logger.info("building %s", kind)
             sides.append(build_side(kind, opts, workload, max_steps=total))
-        for side in sides[1:]:
-            copy_initial_weights(sides[0], side)
+        copy_from_first(sides)
         flops = {kind: side_flops(kind, config, workload, opts) for kind in kinds}
         timings = alternate(sides, warmup=args.warmup, steps=args.steps, repeats=args.repeats, device=opts.torch_device, tokens=workload.real_tokens, flops=flops)
     finally:
-        for side in sides:
-            side.close()
-        sides.clear()
+        close_all(sides)
     release_memory()
     precision = "bf16 autocast" if opts.bf16_autocast_ref else "fp32"
     descriptions = {
@@ -1035,14 +1069,11 @@ def run_reft_group(args: argparse.Namespace, opts: BenchOptions, workload: Workl
         for kind in kinds:
             logger.info("building %s (layers %s, positions %s)", kind, layers, positions)
             sides.append(build_side(kind, opts, workload, max_steps=total))
-        for side in sides[1:]:
-            copy_initial_weights(sides[0], side)
+        copy_from_first(sides)
         flops = {kind: side_flops(kind, config, workload, opts) for kind in kinds}
         timings = alternate(sides, warmup=args.warmup, steps=args.steps, repeats=args.repeats, device=opts.torch_device, tokens=workload.real_tokens, flops=flops)
     finally:
-        for side in sides:
-            side.close()
-        sides.clear()
+        close_all(sides)
     release_memory()
     descriptions = {
         "reft-ours": "heft_core ReftAnswerModel: answer-position logits, CE on the answer token",
@@ -1142,7 +1173,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         f"- real prompt tokens per batch: median {median(tokens):.0f} (padded width median {median(widths):.0f}); tokens/s counts real prompt tokens, identical for both sides",
         f"- timing: {args.warmup} warmup step(s) per side, then {args.repeats} rounds × {args.steps} step(s) per side on the same batches, order rotating each round; ratio = median over rounds of (side tokens/s ÷ reference tokens/s in the same round); evaluation alternates batch by batch",
         f"- optimizer (all sides): AdamW, constant lr (LoRA {args.lora_lr:g}, ReFT {args.reft_lr:g}), no warmup, weight decay 0, grad-norm clip {MAX_GRAD_NORM}; adapter dropout 0 so that losses are comparable; same initial adapter weights (copied)",
-        f"- memory: each side alone in a fresh spawn subprocess ({args.memory_repeats} run(s) per side, alternating, {args.memory_steps} step(s) each); after the model and adapter are built the RSS high-water mark is reset (/proc/self/clear_refs); peak RSS = VmHWM during training; training increment = that peak − RSS before the first step",
+        f"- memory: each side alone in a fresh spawn subprocess ({args.memory_repeats} run(s) per side, alternating, {args.memory_steps} step(s) each); weights copied out of their memory map, then the RSS high-water mark is reset (/proc/self/clear_refs); peak RSS = VmHWM during training (weights included); training increment = that peak − RSS before the first step",
         "- FLOPs (see `step_flops`): forward 2·P_layers·B·T + 4·L·B·T²·d + 2·d·V·(logit positions); backward = input gradients only through the layers above the lowest trainable one (1× linear, 2× attention) + head; utilisation = achieved ÷ matmul peak",
         "",
         "## Results",
