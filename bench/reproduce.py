@@ -353,12 +353,16 @@ def plot(outcomes: Sequence[Outcome], path: Path, title: str) -> None:
     for o in outcomes:
         if o.curve:
             groups.setdefault(o.plan.group, []).append(o)
+    base_items = groups.get("base", [])
+    base = statistics.mean(o.curve[0][1] for o in base_items) if base_items else None
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, items in groups.items():
         by_epoch: dict[int, list[float]] = {}
         for o in items:
             for epoch, acc in o.curve:
                 by_epoch.setdefault(epoch, []).append(acc)
+        if base is not None and name != "base":
+            by_epoch.setdefault(0, [base])  # every method starts from the zero-shot model
         epochs = sorted(by_epoch)
         means = [statistics.mean(by_epoch[e]) * 100 for e in epochs]
         if name == "base":
@@ -475,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "## Settings", "",
         f"- model: {args.model}; data: {data.label} ({data.source}); torch {torch.__version__}, {torch.get_num_threads()} threads" + (f", GPU {torch.cuda.get_device_name(0)}" if device_kind == "gpu" else ""),
         f"- fixed subsets (seed {args.subset_seed}): {len(data.train)} train rows, {len(data.validation)} evaluation rows (eval signature {signature}); seeds {args.seeds}",
-        f"- epochs E={args.epochs}; HEFT splits {args.heft_splits}; long baselines: {args.long_epochs or 'skipped'} epochs" + ("" if args.no_long else f" (E × {args.long_factor:g}, rounded)"),
+        f"- epochs E={args.epochs}; HEFT splits {args.heft_splits}; long baselines: " + (f"{args.long_epochs} epochs (E × {args.long_factor:g}, rounded)" if args.long_epochs else "skipped (--no-long)"),
         f"- LoRA rank {args.lora_rank}, alpha {args.lora_alpha or 2 * args.lora_rank:g}, targets {args.lora_targets}, lr {args.lora_lr:g}; ReFT rank {args.reft_rank}, layers {args.reft_layers}, positions {args.reft_positions}, lr {args.reft_lr:g}",
         f"- batch {args.batch_size} × grad-accum {args.grad_accum}, warmup ratio {args.warmup_ratio}, linear schedule, max length {args.max_length}, precision {args.precision}",
         f"- total wall time: {wall / 60:.1f} min; database: {'not used' if engine is None else f'batch {batch_id}'}",
