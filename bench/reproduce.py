@@ -17,7 +17,9 @@ Wilson intervals, pairwise exact McNemar p-values per seed), ``results.json``, t
 per-question predictions). Each trained run is also recorded in the HEFT Studio database (as a
 completed run with its step metrics and evaluations, so it shows up in the UI) unless ``--no-db``.
 
-CPU scale (the defaults; embedded SmolLM2-135M, shared BoolQ sample):
+CPU scale (the defaults; embedded SmolLM2-135M, shared BoolQ sample, 48 train / 96 eval rows,
+E=3, HEFT 1+2 and 2+1, long baselines 21 epochs: 54 training epochs and 55 evaluations in all;
+about 25-30 min on 2 idle cores by the step times in bench/results, 2-3x that on a shared CPU):
     python bench/reproduce.py
 GPU scale (any hub model, full BoolQ), e.g.:
     python bench/reproduce.py --model meta-llama/Llama-2-7b-hf --data hub --train-size all \\
@@ -395,8 +397,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="embedded", help="'embedded', a local model directory or a hub id")
     parser.add_argument("--data", default=None, help=f"data source (default: {DEFAULT_BOOLQ} if present, else 'synthetic'); 'hub' for google/boolq")
-    parser.add_argument("--train-size", type=size_arg, default=64, help="training rows ('all' for every row)")
-    parser.add_argument("--eval-size", type=size_arg, default=100, help="evaluation rows ('all' for every row)")
+    parser.add_argument("--train-size", type=size_arg, default=48, help="training rows ('all' for every row)")
+    parser.add_argument("--eval-size", type=size_arg, default=96, help="evaluation rows ('all' for every row)")
     parser.add_argument("--subset-seed", type=int, default=None, help="seed of the fixed train/eval subsets (default: the first seed)")
     parser.add_argument("--epochs", type=int, default=3, help="E: epochs of the LoRA-only and ReFT-only runs, and the HEFT budget")
     parser.add_argument("--heft-splits", default=None, help="HEFT splits E1+E2, comma-separated (default: every split of E, e.g. '1+2,2+1' for E=3)")
