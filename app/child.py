@@ -87,6 +87,17 @@ class DatabaseCallback(TrainerCallback):
         self.last_flush = time.monotonic()
 
 
+def run_results(summary: dict[str, Any], run_dir: str | Path, eval_signature: str | None) -> dict[str, Any]:
+    """storage's finish_run results from a heft_core RunResult summary (also run.json's "result")."""
+    ci = summary.get("accuracy_ci") or [None, None]
+    return {
+        "accuracy": summary.get("accuracy"), "accuracy_low": ci[0], "accuracy_high": ci[1], "eval_n": summary.get("eval_n"),
+        "train_seconds": summary.get("train_seconds"), "tokens_per_second": summary.get("tokens_per_second"),
+        "trainable_params": summary.get("trainable_params"), "trainable_params_json": summary.get("trainable_params_by_stage"),
+        "artifact_dir": str(run_dir), "eval_signature": eval_signature,
+    }
+
+
 def _exit_with_parent(parent_pid: int, interval: float = 1.0) -> None:
     """A run whose worker died must not train on unobserved: end this process too."""
 

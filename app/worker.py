@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.child import run_results
 from heft_core.home import data_home, database_path, runs_dir
 from storage import queries
 from storage.db import open_db
@@ -175,14 +176,7 @@ class Worker:
             meta = json.loads(run_file.read_text())
             result = meta.get("result", {})
             status = "cancelled" if result.get("status") == "cancelled" else "completed"
-            ci = result.get("accuracy_ci") or [None, None]
-            queries.finish_run(self.engine, child.run_id, status, results={
-                "accuracy": result.get("accuracy"), "accuracy_low": ci[0], "accuracy_high": ci[1],
-                "eval_n": result.get("eval_n"), "train_seconds": result.get("train_seconds"),
-                "tokens_per_second": result.get("tokens_per_second"), "trainable_params": result.get("trainable_params"),
-                "trainable_params_json": result.get("trainable_params_by_stage"), "artifact_dir": str(child.run_dir),
-                "eval_signature": meta.get("eval_signature"),
-            })
+            queries.finish_run(self.engine, child.run_id, status, results=run_results(result, child.run_dir, meta.get("eval_signature")))
             return
         if cancel_requested:
             queries.finish_run(self.engine, child.run_id, "cancelled", error="cancelled; the process was stopped before it finished")

@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from app.child import DatabaseCallback, run_results  # noqa: E402  (after the path setup)
+
 logger = logging.getLogger("bench.reproduce")
 
 DEFAULT_BOOLQ = ROOT.parent / "shared" / "data" / "boolq"
@@ -143,93 +145,40 @@ def make_config(plan: Plan, args: argparse.Namespace, train_size: int, eval_size
 # --------------------------------------------------------------------------- database
 
 
-class DbRecorder:
-    """Records one run in the HEFT Studio database while it trains, so the UI shows it.
+class DbRecorder(DatabaseCallback):
+    """Records a run this process trains itself in the app's database, so it shows in the UI.
 
-    storage.queries has no "record a run that this process trains itself": ``create_run``
-    queues the run for a worker (which could claim it) and ``finish_run`` accepts only a
-    running run. So the row is inserted directly in state ``running`` with this process as
-    its worker (one INSERT through the storage models); from then on only storage.queries
-    functions are used: ``set_artifact_dir``, ``update_progress``/``heartbeat`` (a thread keeps
-    the heartbeat fresh so the UI does not mark the run interrupted during long evaluations),
-    ``add_step_metrics``, ``add_epoch_eval``, ``is_cancel_requested`` (a cancel in the UI stops
-    the run at the next step) and ``finish_run``.
+    The row is created ``running`` by ``storage.queries.start_external_run`` (no worker can
+    claim it); metrics, evaluations, progress and cancel go through the app's own
+    ``DatabaseCallback``; a thread keeps the heartbeat fresh so the UI does not mark the run
+    interrupted during long evaluations.
     """
 
     def __init__(self, engine: Any, *, name: str, method: str, config: dict[str, Any], base_model: str, data_source: str, eval_signature: str, batch_id: str, total_epochs: float, run_dir: Path):
-        from sqlmodel import Session
-
         from storage import queries
-        from storage.models import Run, RunStatus, utcnow
 
-        self.engine = engine
-        self.queries = queries
-        now = utcnow()
-        run = Run(
-            name=name, method=method, status=RunStatus.RUNNING.value, config_json=json.dumps(config, sort_keys=True),
-            base_model=base_model, data_source=data_source, eval_signature=eval_signature, batch_id=batch_id,
-            total_epochs=total_epochs, created_at=now, started_at=now, heartbeat_at=now, worker_pid=os.getpid(),
+        run = queries.start_external_run(
+            engine, name=name, method=method, config=config, base_model=base_model, data_source=data_source,
+            worker_pid=os.getpid(), eval_signature=eval_signature, batch_id=batch_id, total_epochs=total_epochs,
         )
-        with Session(engine, expire_on_commit=False) as session:
-            session.add(run)
-            session.commit()
-            self.run_id = int(run.id)
+        super().__init__(engine, run.id)
         queries.set_artifact_dir(engine, self.run_id, run_dir)
-        self.pending: list[dict[str, Any]] = []
-        self.progress: dict[str, Any] = {}
-        self.cancelled = False
-        self.last_cancel_check = 0.0
         self._stop = threading.Event()
         self._beat = threading.Thread(target=self._heartbeat, name=f"heartbeat-{self.run_id}", daemon=True)
         self._beat.start()
 
     def _heartbeat(self) -> None:
+        from storage import queries
+
         while not self._stop.wait(10.0):
             try:
-                self.queries.heartbeat(self.engine, self.run_id)
+                queries.heartbeat(self.engine, self.run_id)
             except Exception as exc:  # never kill training over a heartbeat
                 logger.warning("heartbeat of run %d failed: %r", self.run_id, exc)
 
-    # heft_core TrainerCallback hooks (duck-typed)
-    def on_train_begin(self, info: dict[str, Any]) -> None:
-        self.progress = {"stage": None, "step": 0, **info}
-        self.queries.update_progress(self.engine, self.run_id, self.progress)
-
-    def on_step(self, event: Any) -> None:
-        self.pending.append({
-            "stage": event.stage, "epoch": event.epoch, "step": event.step, "loss": event.loss,
-            "learning_rate": event.learning_rate, "tokens_per_second": event.tokens_per_second, "elapsed_seconds": event.elapsed_seconds,
-        })
-        self.progress.update(stage=event.stage, epoch=event.epoch, step=event.step, total_steps=event.total_steps, loss=event.loss,
-                             tokens_per_second=event.tokens_per_second, elapsed_seconds=event.elapsed_seconds)
-        if len(self.pending) >= 20:
-            self.flush()
-
-    def on_evaluate(self, event: Any) -> None:
-        self.flush()
-        self.queries.add_epoch_eval(self.engine, self.run_id, {
-            "stage": event.stage, "epoch": event.epoch, "cumulative_epoch": event.cumulative_epoch,
-            "accuracy": event.accuracy, "accuracy_low": event.low, "accuracy_high": event.high, "n": event.n,
-        })
-
-    def on_log(self, message: str) -> None:
-        logger.info(message)
-
-    def should_stop(self) -> bool:
-        """Honour a cancel from the UI (checked at most every 10 s)."""
-        now = time.monotonic()
-        if not self.cancelled and now - self.last_cancel_check >= 10.0:
-            self.last_cancel_check = now
-            self.cancelled = self.queries.is_cancel_requested(self.engine, self.run_id)
-        return self.cancelled
-
-    def flush(self) -> None:
-        if self.pending:
-            self.queries.add_step_metrics(self.engine, self.run_id, self.pending)
-            self.pending = []
-        self.queries.update_progress(self.engine, self.run_id, self.progress)
-
     def finish(self, result: Any | None, error: str | None, eval_signature: str) -> None:
+        from storage import queries
+
         self._stop.set()
         self._beat.join(timeout=15)
         try:
@@ -237,16 +186,10 @@ class DbRecorder:
         except Exception as exc:
             logger.warning("could not flush metrics of run %d: %r", self.run_id, exc)
         if result is None:
-            self.queries.finish_run(self.engine, self.run_id, "failed", error=error or "failed")
+            queries.finish_run(self.engine, self.run_id, "failed", error=error or "failed")
             return
-        summary = result.summary()
-        ci = summary.get("accuracy_ci") or [None, None]
-        self.queries.finish_run(self.engine, self.run_id, "completed" if result.status == "completed" else "cancelled", results={
-            "accuracy": summary["accuracy"], "accuracy_low": ci[0], "accuracy_high": ci[1], "eval_n": summary["eval_n"],
-            "train_seconds": summary["train_seconds"], "tokens_per_second": summary["tokens_per_second"],
-            "trainable_params": summary["trainable_params"], "trainable_params_json": summary["trainable_params_by_stage"],
-            "artifact_dir": result.run_dir, "eval_signature": eval_signature,
-        })
+        status = "completed" if result.status == "completed" else "cancelled"
+        queries.finish_run(self.engine, self.run_id, status, results=run_results(result.summary(), result.run_dir, eval_signature))
 
 
 # --------------------------------------------------------------------------- running
@@ -258,7 +201,7 @@ def run_one(plan: Plan, args: argparse.Namespace, data: Any, run_dir: Path, engi
     config = make_config(plan, args, len(data.train), len(data.validation))
     outcome = Outcome(plan, str(run_dir))
     recorder = None
-    if engine is not None and plan.method != "base":  # storage knows lora/reft/heft only
+    if engine is not None:
         recorder = DbRecorder(engine, name=config.name, method=plan.method, config=config.to_dict(), base_model=args.model,
                               data_source=data.source, eval_signature=eval_signature, batch_id=batch_id, total_epochs=plan.total_epochs, run_dir=run_dir)
         outcome.db_run_id = recorder.run_id

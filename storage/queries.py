@@ -159,6 +159,40 @@ def create_run(
     return run
 
 
+def start_external_run(
+    engine: Engine,
+    *,
+    name: str,
+    method: str,
+    config: dict[str, Any],
+    base_model: str,
+    data_source: str,
+    worker_pid: int,
+    eval_signature: Optional[str] = None,
+    batch_id: Optional[str] = None,
+    total_epochs: Optional[float] = None,
+) -> Run:
+    """Record a run that the calling process trains itself (e.g. bench/reproduce.py).
+
+    The row starts ``running`` with ``worker_pid`` as its worker, so no worker ever claims
+    it; the caller heartbeats and finishes it with the usual functions.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    now = utcnow()
+    run = Run(
+        name=name.strip() or method, method=method, status=RunStatus.RUNNING.value, config_json=_dump_json(config, "config"),
+        base_model=base_model, data_source=data_source, eval_signature=eval_signature, batch_id=batch_id,
+        total_epochs=total_epochs, created_at=now, started_at=now, heartbeat_at=now, worker_pid=worker_pid,
+    )
+    with _detached_session(engine) as sess:
+        sess.add(run)
+        sess.commit()
+        sess.expunge(run)
+    log.info("Recording externally trained run %d (%s, %s)", run.id, run.name, run.method)
+    return run
+
+
 def get_run(engine: Engine, run_id: int) -> Optional[Run]:
     """The run with this id, detached and fully loaded, or None."""
     run_id = validate_run_id(run_id)

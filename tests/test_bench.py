@@ -84,10 +84,11 @@ def test_reproduce_smoke_records_runs(tiny_model, tmp_path, monkeypatch):
 
     engine = open_db(tmp_path / "home" / "heft.db")
     recorded = queries.list_runs(engine)
-    assert sorted(r.method for r in recorded) == ["heft", "lora", "reft"]
+    assert sorted(r.method for r in recorded) == ["base", "heft", "lora", "reft"]
     for run in recorded:
         assert run.status == "completed" and run.eval_n == 16 and run.eval_signature == summary["eval_signature"]
-        assert queries.evaluations(engine, run.id) and queries.metrics_since(engine, run.id)
+        assert queries.evaluations(engine, run.id)
+        assert bool(queries.metrics_since(engine, run.id)) == (run.method != "base")  # a zero-shot run has no steps
 
 
 def test_gpu_check_code_paths_on_cpu(tmp_path, monkeypatch):

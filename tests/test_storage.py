@@ -536,3 +536,14 @@ def test_non_sqlite_file_is_refused(db_path: Path) -> None:
     with pytest.raises(SchemaError, match="not a SQLite database"):
         open_db(db_path)
     assert _sha(db_path) == before
+
+
+def test_external_run_is_running_and_never_claimed(tmp_path):
+    from storage import queries
+    from storage.db import open_db
+
+    engine = open_db(tmp_path / "ext.db")
+    run = queries.start_external_run(engine, name="bench", method="base", config={}, base_model="m", data_source="d", worker_pid=os.getpid())
+    assert run.status == "running" and run.worker_pid == os.getpid()
+    assert queries.claim_next_run(engine, 1) is None
+    assert queries.finish_run(engine, run.id, "completed", results={"accuracy": 0.5})
