@@ -135,61 +135,39 @@ def create_run(
     total_epochs: Optional[float] = None,
 ) -> Run:
     """Insert a new queued run and return it (detached)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if not name or not name.strip():
-        raise ValueError("run name must not be empty")
-    run = Run(
-        name=name.strip(),
-        method=method,
-        status=RunStatus.QUEUED.value,
-        config_json=_dump_json(config, "config"),
-        base_model=base_model,
-        data_source=data_source,
-        eval_signature=eval_signature,
-        batch_id=batch_id,
-        total_epochs=total_epochs,
-        created_at=utcnow(),
-    )
-    with _detached_session(engine) as sess:
-        sess.add(run)
-        sess.commit()
-        sess.expunge(run)
+    run = _insert_run(engine, RunStatus.QUEUED, name=name, method=method, config=config, base_model=base_model,
+                      data_source=data_source, eval_signature=eval_signature, batch_id=batch_id, total_epochs=total_epochs)
     log.info("Queued run %d (%s, %s)", run.id, run.name, run.method)
     return run
 
 
-def start_external_run(
-    engine: Engine,
-    *,
-    name: str,
-    method: str,
-    config: dict[str, Any],
-    base_model: str,
-    data_source: str,
-    worker_pid: int,
-    eval_signature: Optional[str] = None,
-    batch_id: Optional[str] = None,
-    total_epochs: Optional[float] = None,
-) -> Run:
+def start_external_run(engine: Engine, *, worker_pid: int, **fields: Any) -> Run:
     """Record a run that the calling process trains itself (e.g. bench/reproduce.py).
 
-    The row starts ``running`` with ``worker_pid`` as its worker, so no worker ever claims
-    it; the caller heartbeats and finishes it with the usual functions.
+    Takes ``create_run``'s fields. The row starts ``running`` with ``worker_pid`` as its
+    worker, so no worker ever claims it; the caller heartbeats and finishes it with the
+    usual functions.
     """
+    run = _insert_run(engine, RunStatus.RUNNING, worker_pid=worker_pid, **fields)
+    log.info("Recording externally trained run %d (%s, %s)", run.id, run.name, run.method)
+    return run
+
+
+def _insert_run(engine: Engine, status: RunStatus, *, name: str, method: str, config: dict[str, Any], worker_pid: Optional[int] = None, **fields: Any) -> Run:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not name or not name.strip():
+        raise ValueError("run name must not be empty")
     now = utcnow()
+    running = status == RunStatus.RUNNING
     run = Run(
-        name=name.strip() or method, method=method, status=RunStatus.RUNNING.value, config_json=_dump_json(config, "config"),
-        base_model=base_model, data_source=data_source, eval_signature=eval_signature, batch_id=batch_id,
-        total_epochs=total_epochs, created_at=now, started_at=now, heartbeat_at=now, worker_pid=worker_pid,
+        name=name.strip(), method=method, status=status.value, config_json=_dump_json(config, "config"), created_at=now,
+        started_at=now if running else None, heartbeat_at=now if running else None, worker_pid=worker_pid, **fields,
     )
     with _detached_session(engine) as sess:
         sess.add(run)
         sess.commit()
         sess.expunge(run)
-    log.info("Recording externally trained run %d (%s, %s)", run.id, run.name, run.method)
     return run
 
 
