@@ -18,7 +18,7 @@ import torch
 
 from heft_core.adapters import AnswerModel, PlainAnswerModel, ReftAnswerModel
 from heft_core.artifacts import RunArtifacts, load_run
-from heft_core.batching import collate
+from heft_core.data import Example
 from heft_core.evaluate import Prediction, predict
 from heft_core.models import is_embedded, load_model, load_tokenizer, model_info
 from heft_core.prompt import PromptEncoder, PromptTemplate
@@ -132,20 +132,10 @@ class SideBySide:
         return nullcontext()
 
     def answer(self, name: str, passage: str, question: str) -> Answer:
-        variant = self.variants[name]
-        ids = variant.encoder.encode(passage, question)
-        with self._lock:
-            start = time.perf_counter()
-            with self._adapter_context(variant.adapter), torch.no_grad(), _autocast(self.device, self.precision):
-                from heft_core.prompt import EncodedExample
-
-                batch = collate([EncodedExample("q", ids, 0)], self.tokenizer.pad_token_id).to(self.device)
-                variant.answer_model.eval()
-                logits = variant.answer_model.answer_logits(batch)[0]
-            pair = torch.stack([logits[variant.encoder.yes_id], logits[variant.encoder.no_id]]).float()
-            p_yes = pair.softmax(-1)[0].item()
-            latency = time.perf_counter() - start
-        return Answer("yes" if p_yes >= 0.5 else "no", p_yes, latency)
+        """One question, scored exactly as evaluation scores it (``predict``)."""
+        start = time.perf_counter()
+        [prediction] = self.predict(name, [Example("ask", question, passage, False)], batch_size=1)
+        return Answer("yes" if prediction.predicted else "no", prediction.p_yes, time.perf_counter() - start)
 
     def answer_all(self, passage: str, question: str, names: Sequence[str] | None = None) -> dict[str, Answer]:
         return {name: self.answer(name, passage, question) for name in (names or list(self.variants))}
