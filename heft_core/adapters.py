@@ -16,6 +16,7 @@ import torch
 from heft_core.batching import Batch, intervention_positions
 from heft_core.config import LoraSettings, ReftSettings
 from heft_core.models import decoder_layers_path
+from heft_core.prefix_cache import PrefixStateCache
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +78,16 @@ class PlainAnswerModel(AnswerModel):
 class ReftAnswerModel(AnswerModel):
     """LoReFT interventions attached to ``host`` through pyreft's ``ReftModel``."""
 
-    def __init__(self, host: torch.nn.Module, settings: ReftSettings, num_layers: int, hidden_size: int, state: dict[str, torch.Tensor] | None = None):
+    def __init__(
+        self, host: torch.nn.Module, settings: ReftSettings, num_layers: int, hidden_size: int,
+        state: dict[str, torch.Tensor] | None = None, prefix_cache: PrefixStateCache | None = None, reuse_prefix: bool = True,
+    ):
         import pyreft
 
         self.settings = settings
+        # Off only to measure what reusing the prefix gains (bench/throughput.py); results are equal.
+        self.reuse_prefix = reuse_prefix
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixStateCache()
         self.layers = settings.resolved_layers(num_layers)
         self.first, self.last = settings.first_last
         groups = 2 if (self.first and self.last and not settings.share_weights) else 1
@@ -111,10 +118,29 @@ class ReftAnswerModel(AnswerModel):
 
     def answer_logits(self, batch: Batch) -> torch.Tensor:
         groups = intervention_positions(batch, self.first, self.last, self.settings.share_weights)
+        inputs = _model_inputs(batch)
+        cut = self._prefix_end(batch, groups)
+        if cut:
+            # Tokens before ``cut`` are untouched by any intervention: take their keys and values
+            # from the frozen host (see heft_core.prefix_cache) and run only the rest.
+            cache = self.prefix_cache.host_cache(self.module.model, batch, cut)
+            inputs = {
+                "input_ids": batch.input_ids[:, cut:], "attention_mask": batch.attention_mask,
+                "position_ids": batch.position_ids[:, cut:], "cache": cache, "logits_to_keep": 1,
+            }
+            groups = [[[position - cut for position in row] for row in group] for group in groups]
         per_group = len(self.layers)
         locations = [groups[i // per_group] for i in range(len(self.interventions))]
-        _, output = self.module(_model_inputs(batch), unit_locations={"sources->base": (None, locations)})
+        _, output = self.module(inputs, unit_locations={"sources->base": (None, locations)})
         return output.logits[:, -1, :]
+
+    def _prefix_end(self, batch: Batch, groups: list[list[list[int]]]) -> int:
+        """First column that any intervention touches, or 0 when no row has a prefix to reuse."""
+        if not self.reuse_prefix:
+            return 0
+        cut = min(position for group in groups for row in group for position in row)
+        longest_padding = batch.input_ids.shape[1] - min(batch.lengths)
+        return cut if cut > longest_padding else 0
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for iv in self.interventions for p in iv.parameters() if p.requires_grad]

@@ -47,6 +47,7 @@ _TRAIN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--eval-batch-size", "eval_batch_size", int, "evaluation batch size"),
     ("--seed", "seed", int, "seed for subsets, initialisation and batch order"),
     ("--precision", "precision", str, "auto (bf16 on GPUs that have it), no, bf16, fp16"),
+    ("--prefix-cache-mb", "prefix_cache_mb", int, "MiB of ReFT prefix states kept across epochs (0: recompute)"),
     ("--name", "name", str, "a name for the run"),
 ]
 

@@ -26,6 +26,7 @@ from heft_core.callbacks import CallbackList, EvalEvent, StepEvent, TrainerCallb
 from heft_core.config import ConfigError, RunConfig, StageSettings
 from heft_core.evaluate import Prediction, accuracy_of, predict
 from heft_core.models import ModelInfo, load_model, load_tokenizer, model_info
+from heft_core.prefix_cache import PrefixStateCache
 from heft_core.prompt import EncodedExample, PromptEncoder
 from heft_core.stats import AccuracyResult
 
@@ -286,10 +287,16 @@ def train(config: RunConfig, output_dir: str | Path, callbacks: Sequence[Trainer
                 lora_model.merge_adapter()
             host = lora_model
         torch.manual_seed(config.seed)
-        reft_model = ReftAnswerModel(host, config.reft, info.num_layers, info.hidden_size)
+        prefix_cache = PrefixStateCache(config.prefix_cache_mb * 2**20)
+        reft_model = ReftAnswerModel(host, config.reft, info.num_layers, info.hidden_size, prefix_cache=prefix_cache)
         trainable["reft"] = count_parameters(reft_model.trainable_parameters())
         cb.on_log(f"stage reft: {trainable['reft']:,} trainable parameters on layers {reft_model.layers} at {config.reft.positions}")
         trainer.run_stage("reft", reft_model, config.reft_stage)
+        if prefix_cache.hits or prefix_cache.misses:
+            cb.on_log(
+                f"reft prefix states: {len(prefix_cache)} prompts kept ({prefix_cache.used_bytes / 2**20:.0f} MiB), "
+                f"{prefix_cache.hits} reused, {prefix_cache.misses} computed"
+            )
         if fingerprint is not None:
             lora_unchanged = _lora_fingerprint(lora_model) == fingerprint
             if not lora_unchanged:

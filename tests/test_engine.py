@@ -240,3 +240,69 @@ def test_bf16_mixed_precision_trains_evaluates_and_reloads(tiny_model, easy_data
     monkeypatch.setattr(data_lib, "load_data", lambda source, **_: easy_data)
     _, predictions, _ = evaluate_run(tmp_path / "bf16", precision="bf16")
     assert [p.p_yes for p in predictions] == [p.p_yes for p in result.predictions]
+
+
+def _reft_step(reft, batch, targets):
+    for intervention in reft.interventions:
+        intervention.zero_grad()
+    logits = reft.answer_logits(batch)
+    torch.nn.functional.cross_entropy(logits, targets).backward()
+    grads = torch.cat([p.grad.flatten() for p in reft.trainable_parameters()])
+    return logits.detach(), grads
+
+
+@pytest.mark.parametrize("host_kind", ["base", "lora adapter"])
+def test_reusing_the_prefix_states_gives_the_full_forward_logits_and_gradients(tiny_model, host_kind):
+    from heft_core.adapters import build_lora_model
+    from heft_core.prefix_cache import PrefixStateCache
+
+    info = model_info(tiny_model)
+    host = load_model(tiny_model)
+    if host_kind == "lora adapter":  # HEFT stage 2: a frozen, non-zero LoRA adapter under the interventions
+        torch.manual_seed(1)
+        host = build_lora_model(host, LoraSettings(rank=4, dropout=0.0), info.num_layers)
+        for name, param in host.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.5)
+        host.requires_grad_(False)
+    # Different lengths, so rows are left-padded by different amounts.
+    examples = [EncodedExample(f"e{i}", list(range(5 + i, 5 + i + n)), i % 2) for i, n in enumerate([9, 14, 6, 11])]
+    batch = collate(examples, pad_id=0)
+    targets = torch.tensor([3, 4, 3, 4])
+    settings = ReftSettings(rank=4, layers=[1, 3], positions="l2", dropout=0.0)
+    torch.manual_seed(0)
+    full = ReftAnswerModel(host, settings, info.num_layers, info.hidden_size, reuse_prefix=False)
+    state = full.intervention_state()
+    cache = PrefixStateCache(budget_bytes=2**30)
+    reused = ReftAnswerModel(host, settings, info.num_layers, info.hidden_size, state=state, prefix_cache=cache)
+    full_logits, full_grads = _reft_step(full, batch, targets)
+    assert reused._prefix_end(batch, [[[0]]]) == 0  # a position inside the padding: no reuse
+    first_logits, first_grads = _reft_step(reused, batch, targets)
+    assert (cache.misses, cache.hits, len(cache)) == (4, 0, 4)
+    # Reordered rows in another batch: every row's prefix now comes from the cache.
+    again = collate(examples[::-1], pad_id=0)
+    again_logits, again_grads = _reft_step(reused, again, targets.flip(0))
+    assert cache.hits == 4
+    torch.testing.assert_close(first_logits, full_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first_grads, full_grads, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(again_logits.flip(0), full_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again_grads, full_grads, rtol=1e-4, atol=1e-6)
+    assert full_grads.abs().sum() > 0
+
+
+def test_reft_training_with_reused_prefix_states_matches_the_full_forward(tiny_model, easy_data, tmp_path, monkeypatch):
+    config = make_config(tiny_model, "heft", reft=ReftSettings(rank=4, layers="all", positions="l2", dropout=0.0))
+    logs: list[str] = []
+
+    class Logs(TrainerCallback):
+        def on_log(self, message: str) -> None:
+            logs.append(message)
+
+    reused = train(config, tmp_path / "reused", callbacks=[Logs()], data=easy_data)
+    # 2 epochs of training and evaluation: everything after the first pass over each prompt is reused
+    assert any("reft prefix states: 224 prompts kept" in line and "224 computed" in line for line in logs), logs
+    monkeypatch.setattr(ReftAnswerModel, "_prefix_end", lambda self, batch, groups: 0)
+    full = train(config, tmp_path / "full", data=easy_data)
+    reft_steps = [(a.loss, b.loss) for a, b in zip(reused.steps, full.steps) if a.stage == "reft"]
+    assert reft_steps and all(abs(a - b) < 1e-4 for a, b in reft_steps)
+    assert [p.predicted for p in reused.predictions] == [p.predicted for p in full.predictions]
