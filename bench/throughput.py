@@ -500,8 +500,11 @@ def reft_settings(opts: BenchOptions) -> Any:
     return ReftSettings(rank=opts.reft_rank, layers=opts.reft_layers, positions=opts.reft_positions, dropout=0.0, share_weights=True)
 
 
+REFT_OURS_KINDS = ("reft-ours", "reft-ours-full", "reft-ours-cached", "heft2-ours")
+
+
 def build_side(kind: str, opts: BenchOptions, workload: Workload, max_steps: int) -> Side:
-    """Build one side from scratch. Kinds: lora-ours, lora-ours-bf16, lora-ref, reft-ours, reft-ref, heft2-ours."""
+    """Build one side from scratch. Kinds: lora-ours, lora-ours-bf16, lora-ref, reft-ref and ``REFT_OURS_KINDS``."""
     from heft_core.adapters import PlainAnswerModel, ReftAnswerModel, build_lora_model
 
     device = opts.torch_device
@@ -521,7 +524,9 @@ def build_side(kind: str, opts: BenchOptions, workload: Workload, max_steps: int
         model = get_peft_model(base, config)
         # CPU batches, as a user's dataset gives them: the Trainer pins and moves them itself.
         return TrainerSide(kind, model, workload.reference(torch.device("cpu")), lr=opts.lora_lr, max_steps=max_steps, device=device, bf16=opts.bf16_autocast_ref, seed=opts.seed)
-    if kind in ("reft-ours", "heft2-ours"):
+    if kind in REFT_OURS_KINDS:
+        from heft_core.prefix_cache import PrefixStateCache
+
         base = load_base(opts, ours=True)
         layers, hidden = model_shape(base)
         host = base
@@ -531,8 +536,17 @@ def build_side(kind: str, opts: BenchOptions, workload: Workload, max_steps: int
             host.requires_grad_(False)
             host.eval()
         torch.manual_seed(opts.seed)
-        answer_model = ReftAnswerModel(host, reft_settings(opts), layers, hidden)
-        return OursSide(kind, answer_model, workload.ours(device), yes_id=workload.yes_id, no_id=workload.no_id, lr=opts.reft_lr, autocast=gpu_autocast)
+        cached = kind == "reft-ours-cached"
+        answer_model = ReftAnswerModel(
+            host, reft_settings(opts), layers, hidden,
+            prefix_cache=PrefixStateCache(2**40 if cached else 0), reuse_prefix=kind != "reft-ours-full",
+        )
+        batches = workload.ours(device)
+        if cached:  # a later epoch: the first one kept every prompt's prefix states
+            with torch.no_grad(), (gpu_autocast or nullcontext)():
+                for batch in batches:
+                    answer_model.answer_logits(batch)
+        return OursSide(kind, answer_model, batches, yes_id=workload.yes_id, no_id=workload.no_id, lr=opts.reft_lr, autocast=gpu_autocast)
     if kind == "reft-ref":
         import pyreft
 
@@ -660,7 +674,10 @@ def paired_ratios(a: SideTiming, b: SideTiming) -> list[float]:
 # --------------------------------------------------------------------------- FLOPs
 
 
-def step_flops(config: Any, batch_shape: tuple[int, int], *, logit_positions: int, lowest_trainable_layer: int, train: bool = True) -> float:
+def step_flops(
+    config: Any, batch_shape: tuple[int, int], *, logit_positions: int, lowest_trainable_layer: int, train: bool = True,
+    forward_tokens: int | None = None, backward_tokens: int | None = None,
+) -> float:
     """Executed model FLOPs of one step (multiply-add = 2 FLOPs), on padded shapes.
 
     forward  = 2 * P_layers * B*T            (every linear layer of every decoder layer)
@@ -671,6 +688,9 @@ def step_flops(config: Any, batch_shape: tuple[int, int], *, logit_positions: in
                the head, and only for decoder layers above ``lowest_trainable_layer`` (nothing
                below the lowest LoRA/intervention needs a gradient). LoRA adapters in every
                layer: lowest_trainable_layer = -1 (all layers, counting the layer holding it).
+    ``forward_tokens`` / ``backward_tokens``: when only the last tokens of each row run (ReFT with a
+    reused prefix), linear FLOPs count those tokens and attention counts them as queries over
+    the whole width.
     Embedding lookups, norms, activations and the adapters' own FLOPs are not counted.
     """
     batch, width = batch_shape
@@ -681,25 +701,33 @@ def step_flops(config: Any, batch_shape: tuple[int, int], *, logit_positions: in
     head_dim = getattr(config, "head_dim", None) or d // heads
     ff = config.intermediate_size
     per_layer = d * heads * head_dim + 2 * d * kv * head_dim + heads * head_dim * d + 3 * d * ff
-    tokens = batch * width
-    linear = 2 * per_layer * tokens
-    attention = 4 * batch * width * width * heads * head_dim
+    def linear(queries: int) -> float:
+        return 2 * per_layer * batch * queries
+
+    def attention(queries: int) -> float:
+        return 4 * batch * queries * width * heads * head_dim
+
     head = 2 * d * config.vocab_size * logit_positions
-    forward = layers * (linear + attention) + head
+    fwd_tokens = forward_tokens or width
+    forward = layers * (linear(fwd_tokens) + attention(fwd_tokens)) + head
     if not train:
         return float(forward)
     if lowest_trainable_layer < 0:
         backward_layers = layers
     else:
         backward_layers = layers - 1 - lowest_trainable_layer
-    backward = backward_layers * (linear + 2 * attention) + head
+    bwd_tokens = backward_tokens or width
+    backward = backward_layers * (linear(bwd_tokens) + 2 * attention(bwd_tokens)) + head
     return float(forward + backward)
 
 
 def side_flops(kind: str, config: Any, workload: Workload, opts: BenchOptions) -> list[float]:
     """FLOPs per batch for a side kind, from the shapes that side really runs."""
     layers_all = config.num_hidden_layers
-    reft_lowest = min(reft_settings(opts).resolved_layers(layers_all))
+    reft = reft_settings(opts)
+    reft_lowest = min(reft.resolved_layers(layers_all))
+    first, last = reft.first_last
+    suffix = last if not first else 0  # tokens that run with interventions when the prefix is reused
     out = []
     for chunk in workload.chunks:
         batch = len(chunk)
@@ -708,10 +736,12 @@ def side_flops(kind: str, config: Any, workload: Workload, opts: BenchOptions) -
             out.append(step_flops(config, (batch, width), logit_positions=batch, lowest_trainable_layer=-1))
         elif kind == "lora-ref":
             out.append(step_flops(config, (batch, width + 1), logit_positions=batch * (width + 1), lowest_trainable_layer=-1))
-        elif kind == "reft-ours":
+        elif kind in ("reft-ours-full", "heft2-ours") or (kind == "reft-ours" and not suffix):
             out.append(step_flops(config, (batch, width), logit_positions=batch, lowest_trainable_layer=reft_lowest))
-        elif kind == "heft2-ours":
-            out.append(step_flops(config, (batch, width), logit_positions=batch, lowest_trainable_layer=reft_lowest))
+        elif kind == "reft-ours":  # prefix without autograd, then the last positions with it
+            out.append(step_flops(config, (batch, width), logit_positions=batch, lowest_trainable_layer=reft_lowest, backward_tokens=suffix))
+        elif kind == "reft-ours-cached":  # only the last positions run at all
+            out.append(step_flops(config, (batch, width), logit_positions=batch, lowest_trainable_layer=reft_lowest, backward_tokens=suffix, forward_tokens=suffix))
         elif kind == "reft-ref":
             out.append(step_flops(config, (batch, width + 1), logit_positions=batch * (width + 1), lowest_trainable_layer=reft_lowest))
         else:
@@ -1015,7 +1045,7 @@ def lora_kinds(args: argparse.Namespace) -> list[str]:
 
 
 def reft_kinds(heft2: bool) -> list[str]:
-    return ["reft-ours", "reft-ref"] + (["heft2-ours"] if heft2 else [])
+    return ["reft-ours", "reft-ref", "reft-ours-full", "reft-ours-cached"] + (["heft2-ours"] if heft2 else [])
 
 
 def release_memory() -> None:
@@ -1076,7 +1106,9 @@ def run_reft_group(args: argparse.Namespace, opts: BenchOptions, workload: Workl
         close_all(sides)
     release_memory()
     descriptions = {
-        "reft-ours": "heft_core ReftAnswerModel: answer-position logits, CE on the answer token",
+        "reft-ours": "heft_core ReftAnswerModel: answer-position logits, CE on the answer token; prefix before the first intervened position run without autograd (first epoch)",
+        "reft-ours-full": "reft-ours with prefix reuse off: the whole prompt runs with autograd (measures that idea alone)",
+        "reft-ours-cached": "reft-ours in a later epoch: prefix keys/values kept from the first epoch, only the intervened positions run",
         "reft-ref": "pyreft get_reft_model + ReftModel(labels=...) as ReftTrainer.compute_loss, full logits",
         "heft2-ours": "heft_core HEFT stage 2: ReftAnswerModel on the frozen LoRA (peft) model",
     }
