@@ -369,7 +369,10 @@ def positions_message(text: str) -> str:
         parts.append(f"first {first}")
     if last:
         parts.append(f"last {last}")
-    return f"✓ intervenes on the {' and '.join(parts)} prompt token{'s' if first + last > 1 else ''}"
+    message = f"✓ intervenes on the {' and '.join(parts)} prompt token{'s' if first + last > 1 else ''}"
+    if first:
+        return message + " · last-only positions (e.g. l1) train faster: the prompt before them is computed once, not every epoch"
+    return message + " · fast path: the prompt before them is computed once and reused in later epochs"
 
 
 def layers_message(text: str, num_layers: int | None, option: str = "reft.layers") -> str:

@@ -147,12 +147,12 @@ def main(argv: Sequence[str] | None = None) -> str:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available to this Python")
-        peaks = {"bf16": matmul_peak(device, torch.bfloat16, n=256 if args.tiny else 8192, iters=3 if args.tiny else 20)}
+        peaks = {"bf16": matmul_peak(device, torch.bfloat16, sizes=(256,) if args.tiny else (8192,), iters=3 if args.tiny else 20)}
         if device.type == "cuda":
             previous = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = True
             try:
-                peaks["tf32"] = matmul_peak(device, torch.float32, n=8192, iters=10)
+                peaks["tf32"] = matmul_peak(device, torch.float32, sizes=(8192,), iters=10)
             finally:
                 torch.backends.cuda.matmul.allow_tf32 = previous
         report.add([
@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     from transformers import LlamaConfig
 
     config = LlamaConfig(**shape)
-    run_args = argparse.Namespace(warmup=args.warmup, steps=args.steps, repeats=args.repeats, memory_repeats=0, memory_steps=0, no_bf16=True)
+    run_args = argparse.Namespace(warmup=args.warmup, steps=args.steps, repeats=args.repeats, memory_repeats=0, memory_steps=0, no_bf16=True, quick=args.tiny)
 
     def guarded(name: str, fn: Callable[[], list[str]]) -> None:
         elapsed = time.perf_counter() - report.started
@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         def eval_section() -> list[str]:
             model = tp.load_base(opts, ours=True)
             questions = [e for chunk in random_workload(shape["vocab_size"], args.batch_size, args.length, -(-args.eval_questions // args.batch_size), seed=1, lengths="mixed").chunks for e in chunk][: args.eval_questions]
-            result = tp.eval_pair(model, None, questions, yes_id=workload.yes_id, no_id=workload.no_id, pad_id=workload.pad_id, batch_size=args.batch_size, device=device, repeats=args.repeats, max_new_tokens=3, autocast=tp.bf16_autocast(device))
+            result = tp.eval_pair(model, None, questions, yes_id=workload.yes_id, no_id=workload.no_id, pad_id=workload.pad_id, batch_size=args.batch_size, device=device, repeats=args.repeats, max_new_tokens=32, autocast=tp.bf16_autocast(device))
             del model
             lines = tp.eval_table(result)
             lines.append("(Random model: the accuracies are meaningless here; the speed ratio is the point.)")

@@ -119,21 +119,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, iters: int = 10, repeats: int = 5) -> float:
-    """Best-of-``repeats`` FLOP/s of an n x n @ n x n matmul (2 n^3 FLOPs each)."""
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2):
-        a @ b
-    synchronize(device)
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: Sequence[int] = (1024, 2048, 3072), iters: int = 4, repeats: int = 3) -> float:
+    """Best FLOP/s of square n x n @ n x n matmuls (2 n^3 FLOPs each) over ``sizes`` and ``repeats``.
+
+    Several sizes because the fastest shape differs between machines and libraries; main()
+    measures again at the end and keeps the higher figure, so a burst of other load at the
+    start does not shrink the peak (which would inflate utilisation).
+    """
     best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        for _ in range(2):
             a @ b
         synchronize(device)
-        best = max(best, 2 * n**3 * iters / (time.perf_counter() - start))
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(iters):
+                a @ b
+            synchronize(device)
+            best = max(best, 2 * n**3 * iters / (time.perf_counter() - start))
     return best
+
+
+def refresh_peaks(peaks: dict[str, float], device: torch.device, quick: bool = False) -> dict[str, float]:
+    """Measure the fp32 and bf16 matmul peaks again and keep the higher of old and new."""
+    sizes = (256,) if quick else (1024, 2048, 3072)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        peaks[name] = max(peaks.get(name, 0.0), matmul_peak(device, dtype, sizes))
+    return peaks
 
 
 # --------------------------------------------------------------------------- batches
@@ -877,14 +891,64 @@ class _ContextFactory:
         return self._active.pop().__exit__(*exc)
 
 
+def _generation_correct(texts: Sequence[str], chunk: Sequence[Any]) -> int:
+    return sum(generation_answer(text) == example.label for text, example in zip(texts, chunk))
+
+
+def _decode_new(tokenizer: Any, output: torch.Tensor, prompt_width: int, rows: int) -> list[str]:
+    new_tokens = output[:, prompt_width:]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else [""] * rows
+
+
+def _generation_args(tokenizer: Any, pad_id: int, max_new_tokens: int) -> dict[str, Any]:
+    """pyreft's example evaluator for BoolQ (examples/loreft, task "commonsense", greedy)."""
+    eos = tokenizer.eos_token_id if tokenizer is not None else None
+    return {
+        "max_new_tokens": max_new_tokens, "do_sample": False, "num_beams": 1, "eos_token_id": eos, "pad_token_id": pad_id,
+        "use_cache": True, "temperature": None, "top_p": None, "top_k": None,
+    }
+
+
+def eval_sides(sides: dict[str, Callable[[Sequence[Any]], int]], examples: Sequence[Any], *, batch_size: int, device: torch.device, repeats: int, reference: str) -> dict[str, Any]:
+    """Time each side on the same length-sorted batches, alternating batch by batch.
+
+    The order rotates every batch, so a burst of load from other processes hits all sides
+    alike. Ratios are per round: reference seconds ÷ side seconds (same questions).
+    """
+    from heft_core.batching import sorted_batches
+
+    names = list(sides)
+    batches = sorted_batches(examples, batch_size)
+    for name, fn in sides.items():  # warmup on one batch
+        logger.info("eval warmup: %s", name)
+        fn(batches[0])
+    seconds: dict[str, list[float]] = {name: [0.0] * repeats for name in sides}
+    correct: dict[str, int] = {name: 0 for name in sides}
+    for round_index in range(repeats):
+        for index, chunk in enumerate(batches):
+            shift = (index + round_index) % len(names)
+            for name in names[shift:] + names[:shift]:
+                synchronize(device)
+                start = time.perf_counter()
+                right = sides[name](chunk)
+                synchronize(device)
+                seconds[name][round_index] += time.perf_counter() - start
+                if round_index == 0:
+                    correct[name] += right
+        logger.info("eval round %d: %s", round_index + 1, ", ".join(f"{name} {seconds[name][round_index]:.2f} s" for name in names))
+    ratios = {name: [ref / own for own, ref in zip(seconds[name], seconds[reference])] for name in names if name != reference}
+    return {"n": len(examples), "seconds": seconds, "accuracy": {name: correct[name] / len(examples) for name in names}, "ratios": ratios, "reference": reference}
+
+
 def eval_pair(model: Any, tokenizer: Any, examples: Sequence[Any], *, yes_id: int, no_id: int, pad_id: int, batch_size: int, device: torch.device, repeats: int, max_new_tokens: int, autocast: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """heft_core ``predict`` vs greedy generation + string match, alternating, on the same questions."""
+    """Base model: heft_core ``predict`` vs greedy generation + string match."""
     from heft_core.adapters import PlainAnswerModel
-    from heft_core.batching import collate, sorted_batches
-    from heft_core.evaluate import accuracy_of, predict
+    from heft_core.batching import collate
+    from heft_core.evaluate import predict
 
     answer_model = PlainAnswerModel(model)
     context = autocast or nullcontext
+    generation_args = _generation_args(tokenizer, pad_id, max_new_tokens)
 
     def ours(chunk: Sequence[Any]) -> int:
         factory = _ContextFactory(autocast) if autocast else None
@@ -895,41 +959,56 @@ def eval_pair(model: Any, tokenizer: Any, examples: Sequence[Any], *, yes_id: in
         model.eval()
         batch = collate(chunk, pad_id).to(device)
         with torch.no_grad(), context():
-            out = model.generate(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-                do_sample=False, num_beams=1, pad_token_id=pad_id, use_cache=True, temperature=None, top_p=None, top_k=None,
-            )
-        new_tokens = out[:, batch.input_ids.shape[1]:]
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True) if tokenizer is not None else [""] * len(chunk)
-        return sum(generation_answer(text) == example.label for text, example in zip(texts, chunk))
+            out = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **generation_args)
+        return _generation_correct(_decode_new(tokenizer, out, batch.input_ids.shape[1], len(chunk)), chunk)
 
-    # Both sides score the same length-sorted batches; they alternate batch by batch (order
-    # flipping every batch), so a burst of load from other processes hits both sides alike.
-    sides = {"heft_core predict": ours, "generate + string match": generation}
-    names = list(sides)
-    batches = sorted_batches(examples, batch_size)
-    for name, fn in sides.items():  # warmup on one batch
-        logger.info("eval warmup: %s", name)
-        fn(batches[0])
-    seconds: dict[str, list[float]] = {name: [0.0] * repeats for name in sides}
-    correct: dict[str, int] = {name: 0 for name in sides}
-    for round_index in range(repeats):
-        for index, chunk in enumerate(batches):
-            order = names if (index + round_index) % 2 == 0 else names[::-1]
-            for name in order:
-                synchronize(device)
-                start = time.perf_counter()
-                right = sides[name](chunk)
-                synchronize(device)
-                seconds[name][round_index] += time.perf_counter() - start
-                if round_index == 0:
-                    correct[name] += right
-        logger.info("eval round %d: %s", round_index + 1, ", ".join(f"{name} {seconds[name][round_index]:.2f} s" for name in names))
-    accuracy = {name: correct[name] / len(examples) for name in names}
-    n = len(examples)
-    # questions/s ratio = inverse time ratio (same questions on both sides)
-    ratios = [gen / ours_s for ours_s, gen in zip(seconds["heft_core predict"], seconds["generate + string match"])]
-    return {"n": n, "seconds": seconds, "accuracy": accuracy, "ratios": ratios, "max_new_tokens": max_new_tokens}
+    result = eval_sides({"heft_core predict": ours, "generate + string match": generation}, examples, batch_size=batch_size, device=device, repeats=repeats, reference="generate + string match")
+    return {**result, "title": "base model", "max_new_tokens": max_new_tokens}
+
+
+def reft_eval_group(opts: BenchOptions, tokenizer: Any, examples: Sequence[Any], *, yes_id: int, no_id: int, pad_id: int, batch_size: int, device: torch.device, repeats: int, max_new_tokens: int) -> dict[str, Any]:
+    """ReFT model: heft_core ``predict`` (first evaluation, and later epochs' evaluations with the
+    prefix states kept) vs pyreft's evaluator (``IntervenableModel.generate`` with the
+    interventions on the prompt, greedy, then string match), with the same intervention weights."""
+    from heft_core.adapters import ReftAnswerModel
+    from heft_core.batching import collate, intervention_positions
+    from heft_core.evaluate import predict
+    from heft_core.prefix_cache import PrefixStateCache
+
+    base = load_base(opts, ours=True)
+    layers, hidden = model_shape(base)
+    settings = reft_settings(opts)
+    torch.manual_seed(opts.seed)
+    first_eval = ReftAnswerModel(base, settings, layers, hidden)
+    state = first_eval.intervention_state()
+    kept = ReftAnswerModel(base, settings, layers, hidden, state=state, prefix_cache=PrefixStateCache(2**40))
+    predict(kept, examples, yes_id=yes_id, no_id=no_id, pad_id=pad_id, batch_size=batch_size, device=device)  # "epoch 1" keeps the prefixes
+    generation_args = _generation_args(tokenizer, pad_id, max_new_tokens)
+
+    def scorer(model: Any) -> Callable[[Sequence[Any]], int]:
+        def score(chunk: Sequence[Any]) -> int:
+            predictions = predict(model, chunk, yes_id=yes_id, no_id=no_id, pad_id=pad_id, batch_size=batch_size, device=device)
+            return sum(p.correct for p in predictions)
+        return score
+
+    def generation(chunk: Sequence[Any]) -> int:
+        batch = collate(chunk, pad_id).to(device)
+        groups = intervention_positions(batch, first_eval.first, first_eval.last, settings.share_weights)
+        locations = [groups[i // len(first_eval.layers)] for i in range(len(first_eval.interventions))]
+        with torch.no_grad():
+            _, out = first_eval.module.generate(
+                {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
+                unit_locations={"sources->base": (None, locations)}, intervene_on_prompt=True, **generation_args,
+            )
+        return _generation_correct(_decode_new(tokenizer, out, batch.input_ids.shape[1], len(chunk)), chunk)
+
+    sides = {
+        "heft_core predict, first evaluation": scorer(first_eval),
+        "heft_core predict, later epochs (prefix states kept)": scorer(kept),
+        "pyreft generate + string match": generation,
+    }
+    result = eval_sides(sides, examples, batch_size=batch_size, device=device, repeats=repeats, reference="pyreft generate + string match")
+    return {**result, "title": f"ReFT model (layers {opts.reft_layers}, positions {opts.reft_positions}, untrained interventions)", "max_new_tokens": max_new_tokens}
 
 
 # --------------------------------------------------------------------------- report
@@ -1010,7 +1089,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-length", type=int, default=None, help="hard cap on the whole prompt (default: passage tokens + question + template)")
     parser.add_argument("--eval-questions", type=int, default=64)
     parser.add_argument("--eval-repeats", type=int, default=3, help="rounds of the evaluation pair")
-    parser.add_argument("--max-new-tokens", type=int, default=3, help="generation length of the reference evaluator")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="generation length of the reference evaluator (pyreft's BoolQ setting: 32)")
     parser.add_argument("--memory-repeats", type=int, default=2, help="subprocess runs per side (A,B,A,B); 0 skips memory")
     parser.add_argument("--memory-steps", type=int, default=2, help="optimizer steps in each memory subprocess")
     parser.add_argument("--lora-rank", type=int, default=8)
@@ -1077,6 +1156,7 @@ def run_lora_group(args: argparse.Namespace, opts: BenchOptions, workload: Workl
     finally:
         close_all(sides)
     release_memory()
+    refresh_peaks(peaks, opts.torch_device, args.quick)
     precision = "bf16 autocast" if opts.bf16_autocast_ref else "fp32"
     descriptions = {
         "lora-ours": f"heft_core: answer-position logits, CE on the answer token, {precision}",
@@ -1105,6 +1185,7 @@ def run_reft_group(args: argparse.Namespace, opts: BenchOptions, workload: Workl
     finally:
         close_all(sides)
     release_memory()
+    refresh_peaks(peaks, opts.torch_device, args.quick)
     descriptions = {
         "reft-ours": "heft_core ReftAnswerModel: answer-position logits, CE on the answer token; prefix before the first intervened position run without autograd (first epoch)",
         "reft-ours-full": "reft-ours with prefix reuse off: the whole prompt runs with autograd (measures that idea alone)",
@@ -1139,7 +1220,7 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     config = AutoConfig.from_pretrained(resolve_model_path(args.model))
     logger.info("measuring matmul peaks")
-    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+    peaks = refresh_peaks({}, device, args.quick)
     pairs = {p.strip() for p in args.pairs.split(",") if p.strip()}
 
     sections: list[str] = []
@@ -1180,6 +1261,10 @@ def main(argv: Sequence[str] | None = None) -> str:
             result = eval_pair(model, tokenizer, examples, yes_id=workload.yes_id, no_id=workload.no_id, pad_id=workload.pad_id, batch_size=args.batch_size, device=device, repeats=args.eval_repeats, max_new_tokens=args.max_new_tokens)
             sections += eval_table(result)
             del model
+            release_memory()
+            first_spec = reft_specs[0] if reft_specs else ("8,16,24:l1", "8,16,24", "l1")
+            reft_opts = dataclasses.replace(opts, reft_layers=first_spec[1], reft_positions=first_spec[2])
+            sections += eval_table(reft_eval_group(reft_opts, tokenizer, examples, yes_id=workload.yes_id, no_id=workload.no_id, pad_id=workload.pad_id, batch_size=args.batch_size, device=device, repeats=args.eval_repeats, max_new_tokens=args.max_new_tokens))
         except Exception as exc:
             logger.exception("evaluation pair failed")
             failures.append(f"evaluation pair: {exc!r}")
@@ -1195,7 +1280,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "",
         *[f"- {k}: {v}" for k, v in machine_description(device).items()],
         f"- load average (1/5/15 min) at start: {load_start}; at end: {load_average()} — other processes shared the CPU; only ratios are meaningful",
-        f"- plain 2048×2048 matmul peak in this run: fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s",
+        f"- plain square matmul peak (best of 1024/2048/3072, measured before and after each group): fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s",
         "",
         "## Settings",
         "",
@@ -1225,14 +1310,19 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 def eval_table(result: dict[str, Any]) -> list[str]:
     n = result["n"]
-    lines = [f"### Evaluation — heft_core predict vs generation ({n} validation questions, base model)", ""]
+    reference = result["reference"]
+    lines = [f"### Evaluation — heft_core scoring vs generation ({n} validation questions, {result['title']})", ""]
     lines.append("| side | questions/s (median) | speed ratio vs generation (median of paired rounds) | accuracy |")
     lines.append("|---|---|---|---|")
     for name, seconds in result["seconds"].items():
         qps = [n / s for s in seconds]
-        ratio = "1 (reference)" if name.startswith("generate") else fmt_range(result["ratios"])
+        ratio = "1 (reference)" if name == reference else fmt_range(result["ratios"][name])
         lines.append(f"| {name} | {median(qps):,.2f} | {ratio} | {result['accuracy'][name]:.1%} |")
-    lines += ["", f"Generation: greedy, max_new_tokens={result['max_new_tokens']}, KV cache on; the answer is the first whole word 'yes'/'no' in the lower-cased text (neither counts as wrong). heft_core compares the ' yes' and ' no' logits at the answer position.", ""]
+    lines += ["", (
+        f"Generation as pyreft's example evaluator does it for BoolQ: greedy, max_new_tokens={result['max_new_tokens']}, stopping when every row has "
+        "produced EOS, KV cache on; the answer is the first whole word 'yes'/'no' in the lower-cased text (neither counts as wrong). "
+        "heft_core compares the ' yes' and ' no' logits at the answer position."
+    ), ""]
     return lines
 
 

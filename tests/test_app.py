@@ -73,6 +73,7 @@ def test_form_errors_name_the_option():
 
 def test_field_messages():
     assert views.positions_message("f7+l7").startswith("✓")
+    assert "fast path" in views.positions_message("l1") and "fast path" not in views.positions_message("f1+l1")
     assert views.positions_message("7").startswith("⚠️")
     assert "0..3" in views.layers_message("0,9", 4) and views.layers_message("0,9", 4).startswith("⚠️")
     assert views.layers_message("all", 30) == "✓ all 30 layers (valid: 0..29)"
