@@ -114,15 +114,16 @@ def parse_splits(text: str) -> list[tuple[int, int]]:
     return splits
 
 
-def plan_runs(seeds: Sequence[int], epochs: int, splits: Sequence[tuple[int, int]], long_epochs: int | None) -> list[Plan]:
+def plan_runs(seeds: Sequence[int], epochs: int, splits: Sequence[tuple[int, int]], long_epochs: int | None, long_seeds: int | None = None) -> list[Plan]:
+    """Every run, seed by seed; the long baselines only for the first ``long_seeds`` seeds (all if None)."""
     plans = []
-    for seed in seeds:
+    for index, seed in enumerate(seeds):
         plans.append(Plan(f"base-s{seed}", "base", seed=seed, group="base"))
         plans.append(Plan(f"lora-{epochs}ep-s{seed}", "lora", lora_epochs=epochs, seed=seed, group=f"lora {epochs}"))
         plans.append(Plan(f"reft-{epochs}ep-s{seed}", "reft", reft_epochs=epochs, seed=seed, group=f"reft {epochs}"))
         for first, second in splits:
             plans.append(Plan(f"heft-{first}+{second}-s{seed}", "heft", lora_epochs=first, reft_epochs=second, seed=seed, group=f"heft {first}+{second}"))
-        if long_epochs:
+        if long_epochs and (long_seeds is None or index < long_seeds):
             plans.append(Plan(f"lora-{long_epochs}ep-s{seed}", "lora", lora_epochs=long_epochs, seed=seed, group=f"lora {long_epochs}"))
             plans.append(Plan(f"reft-{long_epochs}ep-s{seed}", "reft", reft_epochs=long_epochs, seed=seed, group=f"reft {long_epochs}"))
     return plans
@@ -348,6 +349,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--long-factor", type=float, default=round(PAPER_LONG_FACTOR), help="long baselines train round(E * factor) epochs (paper: 20/3)")
     parser.add_argument("--no-long", action="store_true", help="skip the long LoRA/ReFT baselines")
     parser.add_argument("--seeds", default="42", help="comma-separated seeds")
+    parser.add_argument("--long-seeds", type=int, default=None, help="run the long baselines for the first N seeds only (default: all)")
     parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--reft-lr", type=float, default=5e-3)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -402,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         engine = open_db(args.db)
     batch_id = f"reproduce-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    plans = plan_runs(args.seed_list, args.epochs, args.split_list, args.long_epochs)
+    plans = plan_runs(args.seed_list, args.epochs, args.split_list, args.long_epochs, args.long_seeds)
     logger.info("%d runs: %s", len(plans), ", ".join(p.name for p in plans))
     started = time.perf_counter()
     outcomes: list[Outcome] = []
@@ -424,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "## Settings", "",
         f"- model: {args.model}; data: {data.label} ({data.source}); torch {torch.__version__}, {torch.get_num_threads()} threads" + (f", GPU {torch.cuda.get_device_name(0)}" if device_kind == "gpu" else ""),
         f"- fixed subsets (seed {args.subset_seed}): {len(data.train)} train rows, {len(data.validation)} evaluation rows (eval signature {signature}); seeds {args.seeds}",
-        f"- epochs E={args.epochs}; HEFT splits {args.heft_splits}; long baselines: " + (f"{args.long_epochs} epochs (E × {args.long_factor:g}, rounded)" if args.long_epochs else "skipped (--no-long)"),
+        f"- epochs E={args.epochs}; HEFT splits {args.heft_splits}; long baselines: " + (f"{args.long_epochs} epochs (E × {args.long_factor:g}, rounded)" + (f", first {args.long_seeds} seed(s) only" if args.long_seeds is not None else "") if args.long_epochs else "skipped (--no-long)"),
         f"- LoRA rank {args.lora_rank}, alpha {args.lora_alpha or 2 * args.lora_rank:g}, targets {args.lora_targets}, lr {args.lora_lr:g}; ReFT rank {args.reft_rank}, layers {args.reft_layers}, positions {args.reft_positions}, lr {args.reft_lr:g}",
         f"- batch {args.batch_size} × grad-accum {args.grad_accum}, warmup ratio {args.warmup_ratio}, linear schedule, max length {args.max_length}, precision {args.precision}",
         f"- total wall time: {wall / 60:.1f} min; database: {'not used' if engine is None else f'batch {batch_id}'}",

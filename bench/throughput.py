@@ -15,10 +15,16 @@ Pairs
 - ReFT: heft_core ``ReftAnswerModel`` vs pyreft's recipe (``get_reft_model`` + ``ReftModel``
   forward with ``labels`` and ``unit_locations`` from ``intervention_locations``, exactly as
   ``pyreft.ReftTrainer.compute_loss`` does it; batches laid out like
-  ``make_last_position_supervised_data_module`` + ``ReftDataCollator``).
+  ``make_last_position_supervised_data_module`` + ``ReftDataCollator``). heft_core's side appears
+  three times, to measure each idea alone: ``reft-ours`` (a first epoch: the prompt before the
+  first intervened position runs without autograd, see ``heft_core.prefix_cache``),
+  ``reft-ours-full`` (that reuse off) and ``reft-ours-cached`` (a later epoch: the prefix states
+  were kept from the first).
 - Precision: heft_core LoRA under ``torch.autocast(bfloat16)`` vs heft_core LoRA in fp32.
-- Evaluation: heft_core ``predict`` (one forward, two logits) vs greedy ``generate`` of a few
-  tokens and a string match of yes/no, as pyreft's example evaluator does.
+- Evaluation: heft_core ``predict`` (one forward, two logits) vs greedy generation and a
+  string match of yes/no, as pyreft's example evaluator does it for BoolQ (32 new tokens, stop at
+  EOS): on the base model, and on a ReFT model (pyreft's ``IntervenableModel.generate`` with the
+  interventions on the prompt vs heft_core's first and later-epoch evaluations).
 - Memory: each training side runs alone in a fresh ``spawn`` subprocess (A, B, A, B ...);
   there the weights are copied out of their memory map, the RSS high-water mark (``VmHWM``) is
   reset once the model and adapter are built, and read after the training steps: "training

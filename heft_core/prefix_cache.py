@@ -27,8 +27,8 @@ class PrefixStateCache:
     """Per-prompt prefix keys/values of a frozen host, kept up to ``budget_bytes``.
 
     Prompts are keyed by their prefix token ids, so training and evaluation prompts share one
-    store. Nothing is evicted: once the budget is spent, further prompts are recomputed in every
-    step, which is correct and only slower.
+    store. Nothing is evicted: once a prompt does not fit in the budget, no more are stored and
+    the rest are recomputed in every step, which is correct and only slower.
     """
 
     def __init__(self, budget_bytes: int = 0):
@@ -36,6 +36,7 @@ class PrefixStateCache:
         self.used_bytes = 0
         self.hits = 0
         self.misses = 0
+        self.full = self.budget_bytes == 0  # once a prompt does not fit, nothing more is stored
         self._store: dict[bytes, LayerStates] = {}
 
     def __len__(self) -> int:
@@ -43,9 +44,11 @@ class PrefixStateCache:
 
     def _remember(self, key: bytes, states: LayerStates) -> None:
         size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in states)
-        if self.used_bytes + size <= self.budget_bytes:
-            self._store[key] = [(k.clone(), v.clone()) for k, v in states]
-            self.used_bytes += size
+        if self.full or self.used_bytes + size > self.budget_bytes:
+            self.full = True
+            return
+        self._store[key] = [(k.clone(), v.clone()) for k, v in states]
+        self.used_bytes += size
 
     def host_cache(self, host: torch.nn.Module, batch: Batch, cut: int) -> Any:
         """A transformers ``DynamicCache`` with the host's states for columns ``[:cut]`` of ``batch``.
@@ -57,13 +60,14 @@ class PrefixStateCache:
 
         width = batch.input_ids.shape[1]
         starts = [width - n for n in batch.lengths]
-        keys = [batch.input_ids[row, starts[row]:cut].cpu().numpy().tobytes() for row in range(len(starts))]
+        ids = batch.input_ids.cpu().numpy()  # one device sync, not one per row
+        keys = [ids[row, starts[row]:cut].tobytes() for row in range(len(starts))]
         per_row: list[LayerStates | None] = [self._store.get(key) for key in keys]
         missing = [row for row, states in enumerate(per_row) if states is None]
         self.hits += len(per_row) - len(missing)
         self.misses += len(missing)
-        if len(missing) == len(per_row) and self.budget_bytes == 0:
-            return self._run_host(host, batch, list(range(len(starts))), 0, cut)  # nothing to keep: no copies
+        if len(missing) == len(per_row) and self.full:
+            return self._run_host(host, batch, missing, 0, cut)  # nothing to keep: no copies
         if missing:
             first = min(starts[row] for row in missing)
             cache = self._run_host(host, batch, missing, first, cut)

@@ -98,3 +98,11 @@ def test_gpu_check_code_paths_on_cpu(tmp_path, monkeypatch):
     assert "## Failures" not in report, report
     assert "HEFT stage 2" in report and "Evaluation" in report and "LoRA (rank 8" in report
     assert out.read_text() == report
+
+
+def test_reproduce_plan_runs_long_baselines_for_the_first_seeds_only():
+    plans = reproduce.plan_runs([42, 43], 3, [(1, 2), (2, 1)], long_epochs=21, long_seeds=1)
+    names = [p.name for p in plans]
+    assert "lora-21ep-s42" in names and "reft-21ep-s42" in names
+    assert not any(name.startswith(("lora-21ep-s43", "reft-21ep-s43")) for name in names)
+    assert {"base-s43", "lora-3ep-s43", "reft-3ep-s43", "heft-1+2-s43", "heft-2+1-s43"} <= set(names)

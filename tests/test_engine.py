@@ -306,3 +306,24 @@ def test_reft_training_with_reused_prefix_states_matches_the_full_forward(tiny_m
     reft_steps = [(a.loss, b.loss) for a, b in zip(reused.steps, full.steps) if a.stage == "reft"]
     assert reft_steps and all(abs(a - b) < 1e-4 for a, b in reft_steps)
     assert [p.predicted for p in reused.predictions] == [p.predicted for p in full.predictions]
+
+
+def test_prefix_cache_stops_storing_at_its_budget_and_still_answers(tiny_model):
+    from heft_core.prefix_cache import PrefixStateCache
+
+    info = model_info(tiny_model)
+    host = load_model(tiny_model)
+    examples = [EncodedExample(f"e{i}", list(range(5 + i, 5 + i + 10)), i % 2) for i in range(4)]
+    settings = ReftSettings(rank=2, layers=[1], positions="l1", dropout=0.0)
+    unlimited = ReftAnswerModel(host, settings, info.num_layers, info.hidden_size, prefix_cache=PrefixStateCache(2**30))
+    with torch.no_grad():
+        unlimited.answer_logits(collate(examples, pad_id=0))
+    one_prompt = unlimited.prefix_cache.used_bytes // 4
+    small = PrefixStateCache(budget_bytes=one_prompt * 2 + one_prompt // 2)  # room for two prompts
+    limited = ReftAnswerModel(host, settings, info.num_layers, info.hidden_size, state=unlimited.intervention_state(), prefix_cache=small)
+    with torch.no_grad():
+        first = limited.answer_logits(collate(examples, pad_id=0))
+        second = limited.answer_logits(collate(examples, pad_id=0))
+    assert len(small) == 2 and small.full and small.used_bytes <= small.budget_bytes
+    assert (small.hits, small.misses) == (2, 6)
+    torch.testing.assert_close(first, second)
