@@ -188,7 +188,7 @@ class RunConfig:
     seed: int = 42
     precision: str = "auto"
     # Memory for ReFT prefix states kept across epochs (heft_core.prefix_cache); 0 recomputes them each step.
-    prefix_cache_mb: int = 1024
+    prefix_cache_mb: int = 2048
     name: str = ""
 
     def __post_init__(self) -> None:
