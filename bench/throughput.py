@@ -20,7 +20,8 @@ Pairs
   first intervened position runs without autograd, see ``heft_core.prefix_cache``),
   ``reft-ours-full`` (that reuse off) and ``reft-ours-cached`` (a later epoch: the prefix states
   were kept from the first).
-- Precision: heft_core LoRA under ``torch.autocast(bfloat16)`` vs heft_core LoRA in fp32.
+- LoRA in bf16 (CPU): heft_core vs the Trainer recipe again, both with bf16 base weights, fp32 LoRA
+  weights and bf16 autocast (``TrainingArguments(bf16=True)``); and heft_core bf16 vs its fp32.
 - Evaluation: heft_core ``predict`` (one forward, two logits) vs greedy generation and a
   string match of yes/no, as pyreft's example evaluator does it for BoolQ (32 new tokens, stop at
   EOS): on the base model, and on a ReFT model (pyreft's ``IntervenableModel.generate`` with the
@@ -524,26 +525,30 @@ REFT_OURS_KINDS = ("reft-ours", "reft-ours-full", "reft-ours-cached", "heft2-our
 
 
 def build_side(kind: str, opts: BenchOptions, workload: Workload, max_steps: int) -> Side:
-    """Build one side from scratch. Kinds: lora-ours, lora-ours-bf16, lora-ref, reft-ref and ``REFT_OURS_KINDS``."""
+    """Build one side from scratch. Kinds: lora-ours, lora-ours-bf16, lora-ref, lora-ref-bf16, reft-ref and ``REFT_OURS_KINDS``."""
     from heft_core.adapters import PlainAnswerModel, ReftAnswerModel, build_lora_model
 
     device = opts.torch_device
     gpu_autocast = bf16_autocast(device) if opts.bf16_autocast_ref else None
+    # The CPU bf16 sides hold the base weights in bf16 (heft_core's precision "bf16" does the
+    # same: no per-step weight casts) with fp32 LoRA weights and bf16 autocast.
+    bf16_side = kind.endswith("-bf16")
+    side_opts = dataclasses.replace(opts, dtype="bfloat16") if bf16_side else opts
     if kind in ("lora-ours", "lora-ours-bf16"):
-        base = load_base(opts, ours=True)
+        base = load_base(side_opts, ours=True)
         torch.manual_seed(opts.seed)
         model = build_lora_model(base, lora_settings(opts), model_shape(base)[0])
-        autocast = bf16_autocast(device) if kind.endswith("bf16") or opts.bf16_autocast_ref else None
+        autocast = bf16_autocast(device) if bf16_side or opts.bf16_autocast_ref else None
         return OursSide(kind, PlainAnswerModel(model), workload.ours(device), yes_id=workload.yes_id, no_id=workload.no_id, lr=opts.lora_lr, autocast=autocast)
-    if kind == "lora-ref":
+    if kind in ("lora-ref", "lora-ref-bf16"):
         from peft import LoraConfig, get_peft_model
 
-        base = load_base(opts, ours=False)
+        base = load_base(side_opts, ours=False)
         torch.manual_seed(opts.seed)
         config = LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha, lora_dropout=0.0, target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
-        model = get_peft_model(base, config)
+        model = get_peft_model(base, config)  # peft keeps LoRA weights in fp32 over a bf16 base
         # CPU batches, as a user's dataset gives them: the Trainer pins and moves them itself.
-        return TrainerSide(kind, model, workload.reference(torch.device("cpu")), lr=opts.lora_lr, max_steps=max_steps, device=device, bf16=opts.bf16_autocast_ref, seed=opts.seed)
+        return TrainerSide(kind, model, workload.reference(torch.device("cpu")), lr=opts.lora_lr, max_steps=max_steps, device=device, bf16=bf16_side or opts.bf16_autocast_ref, seed=opts.seed)
     if kind in REFT_OURS_KINDS:
         from heft_core.prefix_cache import PrefixStateCache
 
@@ -754,7 +759,7 @@ def side_flops(kind: str, config: Any, workload: Workload, opts: BenchOptions) -
         width = max(len(e.input_ids) for e in chunk)
         if kind.startswith("lora-ours"):
             out.append(step_flops(config, (batch, width), logit_positions=batch, lowest_trainable_layer=-1))
-        elif kind == "lora-ref":
+        elif kind in ("lora-ref", "lora-ref-bf16"):
             out.append(step_flops(config, (batch, width + 1), logit_positions=batch * (width + 1), lowest_trainable_layer=-1))
         elif kind in ("reft-ours-full", "heft2-ours") or (kind == "reft-ours" and not suffix):
             out.append(step_flops(config, (batch, width), logit_positions=batch, lowest_trainable_layer=reft_lowest))
@@ -1126,7 +1131,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def lora_kinds(args: argparse.Namespace) -> list[str]:
-    return ["lora-ours", "lora-ref"] + ([] if args.no_bf16 else ["lora-ours-bf16"])
+    return ["lora-ours", "lora-ref"] + ([] if args.no_bf16 else ["lora-ours-bf16", "lora-ref-bf16"])
 
 
 def reft_kinds(heft2: bool) -> list[str]:
@@ -1167,11 +1172,13 @@ def run_lora_group(args: argparse.Namespace, opts: BenchOptions, workload: Workl
     descriptions = {
         "lora-ours": f"heft_core: answer-position logits, CE on the answer token, {precision}",
         "lora-ref": f"transformers Trainer + peft LoRA, causal-LM loss over full logits, {precision}",
-        "lora-ours-bf16": "heft_core as lora-ours under torch.autocast(bfloat16)",
+        "lora-ours-bf16": "heft_core as lora-ours, bf16 base weights, torch.autocast(bfloat16)",
+        "lora-ref-bf16": "Trainer as lora-ref, bf16 base weights, TrainingArguments(bf16=True)",
     }
     lines = training_table(f"LoRA (rank {opts.lora_rank}, all-linear) — heft_core vs transformers Trainer", {k: timings[k] for k in kinds[:2]}, "lora-ref", memory, peaks, {k: peak_name for k in kinds[:2]}, descriptions)
     if not args.no_bf16:
-        lines += training_table("Precision — heft_core LoRA bf16 autocast vs fp32", {k: timings[k] for k in ("lora-ours-bf16", "lora-ours")}, "lora-ours", memory, peaks, {"lora-ours-bf16": "bf16"}, descriptions)
+        lines += training_table("LoRA in bf16 — heft_core vs transformers Trainer, both with bf16 weights and autocast", {k: timings[k] for k in ("lora-ours-bf16", "lora-ref-bf16")}, "lora-ref-bf16", memory, peaks, {"lora-ours-bf16": "bf16", "lora-ref-bf16": "bf16"}, descriptions)
+        lines += training_table("Precision — heft_core LoRA bf16 vs fp32 (what the precision setting changes)", {k: timings[k] for k in ("lora-ours-bf16", "lora-ours")}, "lora-ours", memory, peaks, {"lora-ours-bf16": "bf16"}, descriptions)
     return lines
 
 
