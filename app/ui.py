@@ -28,6 +28,7 @@ from storage.db import open_db
 logger = logging.getLogger(__name__)
 
 TABLE_SECONDS = 2.0
+IDLE_TABLE_SECONDS = 10.0  # nothing queued or running here: still notice runs queued elsewhere (API, CLI, bench)
 LIVE_SECONDS = 1.5
 LOG_LINES = 14
 PRIVATE = {"api_visibility": "private"}
@@ -206,6 +207,7 @@ def build_demo(engine: Any = None) -> gr.Blocks:
                 with gr.Accordion("Run configuration (stored with the run)", open=False):
                     config_json = gr.JSON({}, label="config")
                 table_timer = gr.Timer(TABLE_SECONDS, active=True)
+                table_shown = gr.State(None)
                 live_timer = gr.Timer(LIVE_SECONDS, active=False)
                 live_state = gr.State({"run": None, "last_metric": 0, "n_evals": 0, "status": None})
 
@@ -324,7 +326,7 @@ def build_demo(engine: Any = None) -> gr.Blocks:
                 return _msg(views.error_message(exc), error=True), gr.skip(), gr.skip(), gr.skip()
             ids = ", ".join(f"#{run.id}" for run in runs)
             text = f"✅ Queued {len(runs)} run{'s' if len(runs) > 1 else ''}: {ids}. Opening the Runs tab…"
-            return text, gr.Tabs(selected="runs"), runs[0].id, gr.Timer(active=True)
+            return text, gr.Tabs(selected="runs"), runs[0].id, gr.Timer(TABLE_SECONDS, active=True)
 
         preset.change(on_preset, preset, form_inputs + [preset_note], **PRIVATE)
         model.change(on_model, [model, lora_targets, reft_layers], [lora_targets, model_msg, layers_msg], trigger_mode="always_last", **PRIVATE)
@@ -338,9 +340,13 @@ def build_demo(engine: Any = None) -> gr.Blocks:
         launch.click(on_launch, form_inputs + [upload_path], [launch_msg, tabs, run_id, table_timer], **PRIVATE)
 
         # ------------------------------------------------------------------ Runs handlers
-        def refresh_table(status: str, method_name: str, text: str):
-            runs = all_runs(**views.filter_args(status, method_name, text))
-            return views.runs_frame(runs), gr.Timer(active=any_active())
+        def refresh_table(status: str, method_name: str, text: str, shown: str | None):
+            frame = views.runs_frame(all_runs(**views.filter_args(status, method_name, text)))
+            timer = gr.Timer(TABLE_SECONDS if any_active() else IDLE_TABLE_SECONDS, active=True)
+            signature = frame.to_json()
+            if signature == shown:  # unchanged: leave the table (and the user's scroll position) alone
+                return gr.skip(), timer, shown
+            return frame, timer, signature
 
         def on_row(evt: gr.SelectData):
             row = evt.row_value or []
@@ -399,7 +405,7 @@ def build_demo(engine: Any = None) -> gr.Blocks:
                 new = service.requeue_run(engine, value)
             except ValueError as exc:
                 return _msg(str(exc), error=True), gr.skip(), gr.skip()
-            return f"Re-queued run #{int(value)} as run #{new.id}.", new.id, gr.Timer(active=True)
+            return f"Re-queued run #{int(value)} as run #{new.id}.", new.id, gr.Timer(TABLE_SECONDS, active=True)
 
         def on_delete(value: Any):
             try:
@@ -415,8 +421,8 @@ def build_demo(engine: Any = None) -> gr.Blocks:
             path = views.zip_run_dir(run.artifact_dir, run.id, tempfile.mkdtemp(prefix="heft-zip-"))
             return gr.File(value=str(path), visible=True), f"Zipped run #{run.id} ({path.stat().st_size / 1e6:.1f} MB): download it below."
 
-        filters = [status_filter, method_filter, text_filter]
-        table_outputs = [runs_table, table_timer]
+        filters = [status_filter, method_filter, text_filter, table_shown]
+        table_outputs = [runs_table, table_timer, table_shown]
         table_timer.tick(refresh_table, filters, table_outputs, show_progress="hidden", **PRIVATE)
         gr.on([refresh.click, status_filter.change, method_filter.change, text_filter.submit, runs_tab.select],
               refresh_table, filters, table_outputs, show_progress="hidden", **PRIVATE)
@@ -536,10 +542,10 @@ def build_demo(engine: Any = None) -> gr.Blocks:
                 running = queries.list_runs(engine, status="running", limit=1)
                 latest = running or queries.list_runs(engine, limit=1)
                 wanted = latest[0].id if latest else None
-            frame, timer = refresh_table("all", "all", "")
-            return frame, timer, wanted, tab
+            frame, timer, shown = refresh_table("all", "all", "", None)
+            return frame, timer, shown, wanted, tab
 
-        demo.load(on_load, None, [runs_table, table_timer, run_id, tabs], **PRIVATE)
+        demo.load(on_load, None, [runs_table, table_timer, table_shown, run_id, tabs], **PRIVATE)
         demo.load(on_model, [model, lora_targets, reft_layers], [lora_targets, model_msg, layers_msg], **PRIVATE)
         demo.load(on_estimate, form_inputs + [upload_path], [estimate, epochs_md], show_progress="hidden", **PRIVATE)
 

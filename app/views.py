@@ -434,11 +434,6 @@ def reft_params(hidden_size: int, rank: int, n_layers: int, positions: str, shar
     return (2 * hidden_size * rank + rank) * n_layers * groups
 
 
-def optimizer_steps(examples: int, batch_size: int, grad_accum: int, epochs: int) -> int:
-    """As heft_core.train.stage_steps on one process."""
-    return math.ceil(math.ceil(examples / batch_size) / grad_accum) * epochs
-
-
 @functools.lru_cache(maxsize=32)
 def _local_counts(path: str, mtime: float) -> tuple[int, int]:
     from heft_core.data import load_data
@@ -495,7 +490,7 @@ def estimate_markdown(form: Mapping[str, Any], upload_path: str | None = None) -
                 layers = config.reft.resolved_layers(shape["num_layers"])
                 params = reft_params(shape["hidden_size"], config.reft.rank, len(layers), config.reft.positions, config.reft.share_weights)
             if n_train:
-                steps = optimizer_steps(n_train, settings.batch_size, settings.grad_accum, settings.epochs)
+                steps = settings.optimizer_steps(n_train)
                 work = f"{_fmt_int(n_train)} × {settings.epochs}"
                 total_seconds += n_train * settings.epochs * config.max_length / EMBEDDED_CPU_TOKENS_PER_SECOND
             else:

@@ -147,6 +147,16 @@ class StageSettings:
     scheduler: str = "linear"
     max_grad_norm: float = 1.0
 
+    def optimizer_steps(self, num_examples: int, num_processes: int = 1) -> int:
+        """Optimizer steps of this stage over ``num_examples`` training examples.
+
+        With several processes each takes an equal share of whole batches (see the training loop).
+        """
+        batches = -(-num_examples // self.batch_size)
+        if num_processes > 1:
+            batches //= num_processes
+        return -(-batches // self.grad_accum) * self.epochs
+
     def validate(self, prefix: str, allow_zero_epochs: bool = False) -> None:
         low = 0 if allow_zero_epochs else 1
         _require(isinstance(self.epochs, int) and low <= self.epochs <= 1000, f"{prefix}.epochs", f"must be an integer in {low}..1000, got {self.epochs!r}")

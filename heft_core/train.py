@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import random
 import time
 from contextlib import nullcontext
@@ -116,13 +115,6 @@ def resolve_precision(precision: str) -> tuple[str, torch.dtype]:
     return precision, dtype
 
 
-def stage_steps(num_examples: int, settings: StageSettings, num_processes: int = 1) -> int:
-    batches = math.ceil(num_examples / settings.batch_size)
-    if num_processes > 1:
-        batches //= num_processes  # see run_stage: batches are split evenly across processes
-    return math.ceil(batches / settings.grad_accum) * settings.epochs
-
-
 def _accelerator(mixed_precision: str) -> Any:
     """An Accelerator for this run. accelerate keeps its state per process; a single-process
     caller (tests, the CLI, benchmarks) may train runs of different precisions one after another."""
@@ -162,7 +154,7 @@ class _Trainer:
         self.steps: list[StepEvent] = []
         self.evals: list[EvalEvent] = []
         self.last_predictions: list[Prediction] = []
-        self.total_steps = sum(stage_steps(len(prepared.train_encoded), s, accelerator.num_processes) for _, s in self.config.stages())
+        self.total_steps = sum(s.optimizer_steps(len(prepared.train_encoded), accelerator.num_processes) for _, s in self.config.stages())
 
     def autocast(self) -> ContextManager:
         return self.accelerator.autocast() if self.accelerator.mixed_precision != "no" else nullcontext()
@@ -184,7 +176,7 @@ class _Trainer:
 
         params = model.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-        total = stage_steps(len(self.p.train_encoded), settings, self.accelerator.num_processes)
+        total = settings.optimizer_steps(len(self.p.train_encoded), self.accelerator.num_processes)
         scheduler = get_scheduler(settings.scheduler, optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total)
         # The optimizer goes through accelerate (fp16 loss scaling); the scheduler does not, since
         # accelerate would step it once per process while our step counts are already per process.

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from app import views
-from heft_core.config import ConfigError, RunConfig
+from heft_core.config import ConfigError, RunConfig, StageSettings
 from heft_core.stats import paired_comparison
 
 
@@ -91,7 +91,7 @@ def test_parameter_estimates():
     assert views.reft_params(576, 4, 3, "l1", True) == (2 * 576 * 4 + 4) * 3
     assert views.reft_params(576, 4, 3, "f7+l7", False) == 2 * (2 * 576 * 4 + 4) * 3
     assert views.reft_params(576, 4, 3, "f7+l7", True) == (2 * 576 * 4 + 4) * 3
-    assert views.optimizer_steps(64, 8, 1, 1) == 8 and views.optimizer_steps(9427, 16, 2, 2) == 590
+    assert StageSettings(batch_size=8).optimizer_steps(64) == 8 and StageSettings(epochs=2, batch_size=16, grad_accum=2).optimizer_steps(9427) == 590
     text = views.estimate_markdown(views.preset_form(views.PRESET_QUICK))
     assert "460,800" in text and "13,836" in text and "**4 epochs**" in text and "128 × 3" in text and "128 × 1" in text
 

@@ -142,6 +142,14 @@ def test_train_watch_compare_ask(studio, tiny_model):
             expect(page.locator("#heft-cards .heft-answer")).to_have_count(4)
             shot(page, "ask")
 
+            # --- A run recorded by another process (CLI, bench, API) shows up without Refresh
+            page.get_by_role("tab", name="Runs").click()
+            outside = queries.start_external_run(
+                engine, worker_pid=os.getpid(), name="recorded elsewhere", method="base", config={}, base_model="m", data_source="d",
+            )
+            queries.finish_run(engine, outside.id, "completed")
+            expect(page.locator("#heft-runs-table")).to_contain_text("recorded elsewhere", timeout=30_000)
+
             # --- A second tab (or a reload) re-attaches to a run from the database alone
             other = browser.new_page(viewport={"width": 1400, "height": 1000})
             other.goto(url + "?run=2")
