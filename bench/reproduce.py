@@ -91,6 +91,7 @@ class Outcome:
     tokens_per_second: float = 0.0
     curve: list[tuple[int, float]] = field(default_factory=list)  # (cumulative epoch, accuracy)
     correct: dict[str, bool] = field(default_factory=dict)  # uid -> answered correctly
+    yes_rate: float | None = None  # share of evaluation questions answered "yes" (compare with the gold share)
     db_run_id: int | None = None
     error: str | None = None
 
@@ -227,6 +228,8 @@ def run_one(plan: Plan, args: argparse.Namespace, data: Any, run_dir: Path, engi
     outcome.tokens_per_second = result.tokens_per_second
     outcome.curve = [(e.cumulative_epoch, e.accuracy) for e in result.evals]
     outcome.correct = {p.uid: p.correct for p in result.predictions}
+    if result.predictions:
+        outcome.yes_rate = sum(p.predicted for p in result.predictions) / len(result.predictions)
     logger.info("%s: accuracy %s (%.0f s wall)", plan.name, acc, time.perf_counter() - started)
     return outcome
 
@@ -249,10 +252,10 @@ def pct(value: float | None) -> str:
 
 
 def results_table(outcomes: Sequence[Outcome]) -> list[str]:
-    lines = ["| run | method | epochs | seed | accuracy % [95% CI] | trainable params | train s | tokens/s | DB run |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | method | epochs | seed | accuracy % [95% CI] | answers yes % | trainable params | train s | tokens/s | DB run |", "|---|---|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
         acc = f"{pct(o.accuracy)} [{pct(o.low)}, {pct(o.high)}] (n={o.n})" if o.accuracy is not None else f"failed: {o.error}"
-        lines.append(f"| {o.plan.name} | {o.plan.method} | {o.plan.epochs_label} | {o.plan.seed} | {acc} | {o.trainable_params:,} | {o.train_seconds:.1f} | {o.tokens_per_second:,.0f} | {o.db_run_id or '—'} |")
+        lines.append(f"| {o.plan.name} | {o.plan.method} | {o.plan.epochs_label} | {o.plan.seed} | {acc} | {pct(o.yes_rate)} | {o.trainable_params:,} | {o.train_seconds:.1f} | {o.tokens_per_second:,.0f} | {o.db_run_id or '—'} |")
     return lines
 
 
@@ -425,7 +428,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"Command: `{command}`", "",
         "## Settings", "",
         f"- model: {args.model}; data: {data.label} ({data.source}); torch {torch.__version__}, {torch.get_num_threads()} threads" + (f", GPU {torch.cuda.get_device_name(0)}" if device_kind == "gpu" else ""),
-        f"- fixed subsets (seed {args.subset_seed}): {len(data.train)} train rows, {len(data.validation)} evaluation rows (eval signature {signature}); seeds {args.seeds}",
+        f"- fixed subsets (seed {args.subset_seed}): {len(data.train)} train rows, {len(data.validation)} evaluation rows (eval signature {signature}); seeds {args.seeds}; 'yes' is the gold answer of {pct(sum(e.answer for e in data.validation) / max(1, len(data.validation)))}% of the evaluation rows (a model that always answers 'yes' scores that)",
         f"- epochs E={args.epochs}; HEFT splits {args.heft_splits}; long baselines: " + (f"{args.long_epochs} epochs (E × {args.long_factor:g}, rounded)" + (f", first {args.long_seeds} seed(s) only" if args.long_seeds is not None else "") if args.long_epochs else "skipped (--no-long)"),
         f"- LoRA rank {args.lora_rank}, alpha {args.lora_alpha or 2 * args.lora_rank:g}, targets {args.lora_targets}, lr {args.lora_lr:g}; ReFT rank {args.reft_rank}, layers {args.reft_layers}, positions {args.reft_positions}, lr {args.reft_lr:g}",
         f"- batch {args.batch_size} × grad-accum {args.grad_accum}, warmup ratio {args.warmup_ratio}, linear schedule, max length {args.max_length}, precision {args.precision}",

@@ -20,8 +20,8 @@ Pairs
   first intervened position runs without autograd, see ``heft_core.prefix_cache``),
   ``reft-ours-full`` (that reuse off) and ``reft-ours-cached`` (a later epoch: the prefix states
   were kept from the first).
-- LoRA in bf16 (CPU): heft_core vs the Trainer recipe again, both with bf16 base weights, fp32 LoRA
-  weights and bf16 autocast (``TrainingArguments(bf16=True)``); and heft_core bf16 vs its fp32.
+- LoRA in bf16 (CPU): heft_core vs the Trainer recipe again, both under bf16 autocast over fp32
+  weights (``TrainingArguments(bf16=True)``); and heft_core bf16 vs its fp32.
 - Evaluation: heft_core ``predict`` (one forward, two logits) vs greedy generation and a
   string match of yes/no, as pyreft's example evaluator does it for BoolQ (32 new tokens, stop at
   EOS): on the base model, and on a ReFT model (pyreft's ``IntervenableModel.generate`` with the
@@ -530,12 +530,12 @@ def build_side(kind: str, opts: BenchOptions, workload: Workload, max_steps: int
 
     device = opts.torch_device
     gpu_autocast = bf16_autocast(device) if opts.bf16_autocast_ref else None
-    # The CPU bf16 sides hold the base weights in bf16 (heft_core's precision "bf16" does the
-    # same: no per-step weight casts) with fp32 LoRA weights and bf16 autocast.
+    # The bf16 sides keep fp32 base weights and train under bf16 autocast: heft_core's precision
+    # "bf16" does that on CPUs (see heft_core.train.resolve_precision), and so does the Trainer's
+    # bf16=True (mixed precision over the model as loaded).
     bf16_side = kind.endswith("-bf16")
-    side_opts = dataclasses.replace(opts, dtype="bfloat16") if bf16_side else opts
     if kind in ("lora-ours", "lora-ours-bf16"):
-        base = load_base(side_opts, ours=True)
+        base = load_base(opts, ours=True)
         torch.manual_seed(opts.seed)
         model = build_lora_model(base, lora_settings(opts), model_shape(base)[0])
         autocast = bf16_autocast(device) if bf16_side or opts.bf16_autocast_ref else None
@@ -543,7 +543,7 @@ def build_side(kind: str, opts: BenchOptions, workload: Workload, max_steps: int
     if kind in ("lora-ref", "lora-ref-bf16"):
         from peft import LoraConfig, get_peft_model
 
-        base = load_base(side_opts, ours=False)
+        base = load_base(opts, ours=False)
         torch.manual_seed(opts.seed)
         config = LoraConfig(r=opts.lora_rank, lora_alpha=opts.lora_alpha, lora_dropout=0.0, target_modules="all-linear", bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(base, config)  # peft keeps LoRA weights in fp32 over a bf16 base
@@ -1172,12 +1172,12 @@ def run_lora_group(args: argparse.Namespace, opts: BenchOptions, workload: Workl
     descriptions = {
         "lora-ours": f"heft_core: answer-position logits, CE on the answer token, {precision}",
         "lora-ref": f"transformers Trainer + peft LoRA, causal-LM loss over full logits, {precision}",
-        "lora-ours-bf16": "heft_core as lora-ours, bf16 base weights, torch.autocast(bfloat16)",
-        "lora-ref-bf16": "Trainer as lora-ref, bf16 base weights, TrainingArguments(bf16=True)",
+        "lora-ours-bf16": "heft_core as lora-ours under torch.autocast(bfloat16) (fp32 weights: heft_core's bf16 on CPUs)",
+        "lora-ref-bf16": "Trainer as lora-ref with TrainingArguments(bf16=True) (autocast over the fp32 model)",
     }
     lines = training_table(f"LoRA (rank {opts.lora_rank}, all-linear) — heft_core vs transformers Trainer", {k: timings[k] for k in kinds[:2]}, "lora-ref", memory, peaks, {k: peak_name for k in kinds[:2]}, descriptions)
     if not args.no_bf16:
-        lines += training_table("LoRA in bf16 — heft_core vs transformers Trainer, both with bf16 weights and autocast", {k: timings[k] for k in ("lora-ours-bf16", "lora-ref-bf16")}, "lora-ref-bf16", memory, peaks, {"lora-ours-bf16": "bf16", "lora-ref-bf16": "bf16"}, descriptions)
+        lines += training_table("LoRA in bf16 — heft_core vs transformers Trainer, both under bf16 autocast", {k: timings[k] for k in ("lora-ours-bf16", "lora-ref-bf16")}, "lora-ref-bf16", memory, peaks, {"lora-ours-bf16": "bf16", "lora-ref-bf16": "bf16"}, descriptions)
         lines += training_table("Precision — heft_core LoRA bf16 vs fp32 (what the precision setting changes)", {k: timings[k] for k in ("lora-ours-bf16", "lora-ours")}, "lora-ours", memory, peaks, {"lora-ours-bf16": "bf16"}, descriptions)
     return lines
 

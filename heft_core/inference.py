@@ -67,10 +67,10 @@ def answer_model_for_run(artifacts: RunArtifacts, model: torch.nn.Module) -> Ans
 
 
 def _autocast(device: torch.device, precision: str):
-    mode, dtype = resolve_precision(precision)
+    mode, _ = resolve_precision(precision)
     if mode == "no":
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
 
 
 class _Variant:

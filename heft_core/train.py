@@ -108,10 +108,16 @@ def resolve_precision(precision: str) -> tuple[str, torch.dtype]:
 
     "auto" is bf16 on GPUs that have it and fp32 on CPUs: bf16 autocast is faster on CPUs
     with AMX (see bench/results) but its losses drift from fp32's, so it is opt-in there.
+    On GPUs the base weights are held in the half dtype (memory); on CPUs they stay fp32 and
+    autocast runs the matrix products in bf16, because bf16 elementwise work (norms, residual
+    adds, rotary) is slower than fp32 on CPUs: fp32 weights + autocast trained 1.17x faster than
+    bf16 weights + autocast on this project's 2-core AMX machine (bench/README.md).
     """
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = torch.float32
+    if torch.cuda.is_available():
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return precision, dtype
 
 
