@@ -28,6 +28,9 @@ from storage.db import open_db
 logger = logging.getLogger(__name__)
 
 TABLE_SECONDS = 2.0
+# Stage colours, the same in every run (views.loss_frame/eval_frame name every stage in the data
+# from the start; see views._with_stage_placeholders).
+STAGE_COLORS = {"base": "#7f7f7f", "lora": "#1f77b4", "reft": "#ff7f0e"}
 IDLE_TABLE_SECONDS = 10.0  # nothing queued or running here: still notice runs queued elsewhere (API, CLI, bench)
 LIVE_SECONDS = 1.5
 LOG_LINES = 14
@@ -196,9 +199,9 @@ def build_demo(engine: Any = None) -> gr.Blocks:
                 zip_file = gr.File(label="Artifacts zip", interactive=False, visible=False, height=80)
                 progress_md = gr.Markdown(views.progress_markdown(None), elem_id="heft-progress")
                 with gr.Row():
-                    loss_plot = gr.LinePlot(None, x="step", y="loss", color="stage", title="Training loss per step",
+                    loss_plot = gr.LinePlot(None, x="step", y="loss", color="stage", color_map=STAGE_COLORS, title="Training loss per step",
                                             height=280, elem_id="heft-loss-plot", x_title="optimizer step")
-                    eval_plot = gr.ScatterPlot(None, x="cumulative_epoch", y="accuracy", color="stage",
+                    eval_plot = gr.ScatterPlot(None, x="cumulative_epoch", y="accuracy", color="stage", color_map=STAGE_COLORS,
                                                title="Validation accuracy (%) per epoch", height=280, elem_id="heft-eval-plot",
                                                x_title="cumulative epoch", y_title="accuracy (%)", tooltip="all",
                                                x_axis_format="~g", y_axis_format=".1f")
@@ -379,10 +382,17 @@ def build_demo(engine: Any = None) -> gr.Blocks:
                            gr.Button(interactive=run.status != "running"), gr.Button(interactive=has_dir and not active)]
             else:
                 buttons = [gr.skip()] * 4
-            new_state = {"run": run.id, "last_metric": last_metric, "n_evals": len(evals), "status": run.status}
+            # Gradio applies new data and new axis limits together only when the limits stay the same:
+            # after the limits change, the same accuracy chart is sent once more on the next tick.
+            eval_frame = views.eval_frame(evals)
+            limits = _eval_limits(eval_frame)
+            send_eval = changed or bool(state.get("resend_eval"))
+            resend_eval = send_eval and limits != state.get("eval_limits") and limits is not None
+            new_state = {"run": run.id, "last_metric": last_metric, "n_evals": len(evals), "status": run.status,
+                         "eval_limits": limits if send_eval else state.get("eval_limits"), "resend_eval": resend_eval}
             return [views.progress_markdown(run), _plot(views.loss_frame(metrics)) if changed else gr.skip(),
-                    _eval_plot(views.eval_frame(evals)) if changed else gr.skip(), log_text if (changed or status_changed or active) else gr.skip(),
-                    run.config if (full or not same_run) else gr.skip(), *buttons, new_state, gr.Timer(active=active)]
+                    _eval_plot(eval_frame, limits) if send_eval else gr.skip(), log_text if (changed or status_changed or active) else gr.skip(),
+                    run.config if (full or not same_run) else gr.skip(), *buttons, new_state, gr.Timer(active=active or resend_eval)]
 
         live_outputs = [progress_md, loss_plot, eval_plot, log_box, config_json, cancel_btn, requeue_btn, delete_btn, zip_btn, live_state, live_timer]
 
@@ -612,13 +622,18 @@ def _plot(frame: pd.DataFrame) -> pd.DataFrame | None:
     return None if frame.empty else frame
 
 
-def _eval_plot(frame: pd.DataFrame) -> Any:
-    """Accuracy points with room around them (Vega would put them on the plot's edges)."""
+def _eval_limits(frame: pd.DataFrame) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """Axis limits with room around the points (Vega would put them on the plot's edges)."""
     if frame.empty:
         return None
     low, high = float(frame["low"].min()), float(frame["high"].max())
-    return gr.ScatterPlot(value=frame, x_lim=[0, float(frame["cumulative_epoch"].max()) + 0.5],
-                          y_lim=[max(0.0, low - 5), min(100.0, high + 5)])
+    return (0.0, float(frame["cumulative_epoch"].max()) + 0.5), (max(0.0, low - 5), min(100.0, high + 5))
+
+
+def _eval_plot(frame: pd.DataFrame, limits: tuple[tuple[float, float], tuple[float, float]] | None) -> Any:
+    if frame.empty or limits is None:
+        return None
+    return gr.ScatterPlot(value=frame, x_lim=list(limits[0]), y_lim=list(limits[1]))
 
 
 def _warm(model_ref: str) -> None:

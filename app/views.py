@@ -647,10 +647,30 @@ def _thin(rows: list[dict[str, Any]], limit: int = 2000) -> list[dict[str, Any]]
     return rows[::stride] + ([rows[-1]] if (len(rows) - 1) % stride else [])
 
 
+# Every stage a chart can show. Each frame names all of them (see _with_stage_placeholders), so the
+# colours and the legend are the same for every run and every update.
+LOSS_STAGES = ("lora", "reft")
+EVAL_STAGES = ("base", "lora", "reft")
+
+
+def _with_stage_placeholders(frame: pd.DataFrame, stages: Sequence[str], value_column: str) -> pd.DataFrame:
+    """Put one empty (NaN) row per stage in front of the data, in the order of ``stages``.
+
+    Gradio's plots fix their colour domain at the first render: a stage that first appears in a
+    later update (a HEFT run's "reft" steps, or another run's) would be left undrawn. NaN rows are
+    not drawn but keep every stage in the domain, and in the same legend order for every run.
+    """
+    if frame.empty:
+        return frame
+    filler = pd.DataFrame([{**frame.iloc[0].to_dict(), "stage": stage, value_column: float("nan")} for stage in stages], columns=frame.columns)
+    return pd.concat([filler, frame], ignore_index=True)
+
+
 def loss_frame(metrics: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     rows = [m for m in metrics if m.get("loss") is not None]
     rows = _thin(rows)
-    return pd.DataFrame([[m["step"], float(m["loss"]), m["stage"]] for m in rows], columns=LOSS_COLUMNS)
+    frame = pd.DataFrame([[m["step"], float(m["loss"]), m["stage"]] for m in rows], columns=LOSS_COLUMNS)
+    return _with_stage_placeholders(frame, LOSS_STAGES, "loss")
 
 
 def eval_frame(evals: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -661,7 +681,8 @@ def eval_frame(evals: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         x = e.get("cumulative_epoch")
         rows.append([float(x if x is not None else e["epoch"]), 100 * e["accuracy"], e["stage"],
                      100 * (e.get("accuracy_low") or e["accuracy"]), 100 * (e.get("accuracy_high") or e["accuracy"])])
-    return pd.DataFrame(rows, columns=EVAL_COLUMNS)
+    frame = pd.DataFrame(rows, columns=EVAL_COLUMNS)
+    return _with_stage_placeholders(frame, EVAL_STAGES, "accuracy")
 
 
 def _iso(value: Any) -> Any:
