@@ -376,6 +376,8 @@ def build_demo(engine: Any = None) -> gr.Blocks:
             active = run.status in views.ACTIVE_STATUSES
             log_path = Path(run.artifact_dir) / LOG_FILE if run.artifact_dir else None
             log_text = log_tail(log_path, LOG_LINES) if log_path else ""
+            if not log_text and not active and log_path and log_path.parent.is_dir() and not log_path.exists():
+                log_text = f"(no {LOG_FILE} in this run's directory: it was trained outside the app's worker, e.g. by bench/reproduce.py)"
             if status_changed:
                 has_dir = bool(run.artifact_dir) and Path(run.artifact_dir).is_dir()
                 buttons = [gr.Button(interactive=active), gr.Button(interactive=run.status in ("failed", "interrupted", "cancelled")),

@@ -147,8 +147,13 @@ def test_train_watch_compare_ask(studio, tiny_model):
             outside = queries.start_external_run(
                 engine, worker_pid=os.getpid(), name="recorded elsewhere", method="base", config={}, base_model="m", data_source="d",
             )
+            queries.set_artifact_dir(engine, outside.id, Path(data_dir).parent)  # a directory without train.log
             queries.finish_run(engine, outside.id, "completed")
             expect(page.locator("#heft-runs-table")).to_contain_text("recorded elsewhere", timeout=30_000)
+            run_box = page.locator("#heft-run-id input")
+            run_box.fill(str(outside.id))
+            run_box.press("Enter")
+            expect(page.locator(".heft-log textarea")).to_have_value(re.compile("trained outside the app's worker"), timeout=20_000)
 
             # --- A second tab (or a reload) re-attaches to a run from the database alone
             other = browser.new_page(viewport={"width": 1400, "height": 1000})
