@@ -17,8 +17,12 @@ from heft_core.config import ConfigError, RunConfig
 
 logger = logging.getLogger("heft_core")
 
+def _int_or_auto(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else int(text)
+
+
 # flag -> dotted config key; every option of RunConfig is reachable here or through --set.
-_TRAIN_FLAGS: list[tuple[str, str, type, str]] = [
+_TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--method", "method", str, "base (zero-shot), lora, reft or heft"),
     ("--model", "model", str, "'embedded' (SmolLM2-135M-Instruct, default), a hub id or a local directory"),
     ("--data", "data", str, "'synthetic' (offline, not BoolQ), 'hub' (google/boolq), hub:<id>, or a local file/directory"),
@@ -47,7 +51,7 @@ _TRAIN_FLAGS: list[tuple[str, str, type, str]] = [
     ("--eval-batch-size", "eval_batch_size", int, "evaluation batch size"),
     ("--seed", "seed", int, "seed for subsets, initialisation and batch order"),
     ("--precision", "precision", str, "auto (bf16 on GPUs that have it), no, bf16, fp16"),
-    ("--prefix-cache-mb", "prefix_cache_mb", int, "MiB of ReFT prefix states kept across epochs (0: recompute)"),
+    ("--prefix-cache-mb", "prefix_cache_mb", _int_or_auto, "MiB of ReFT prefix states kept across epochs: 'auto' (a quarter of available memory), or a number (0: recompute)"),
     ("--name", "name", str, "a name for the run"),
 ]
 

@@ -197,8 +197,9 @@ class RunConfig:
     eval_batch_size: int = 16
     seed: int = 42
     precision: str = "auto"
-    # Memory for ReFT prefix states kept across epochs (heft_core.prefix_cache); 0 recomputes them each step.
-    prefix_cache_mb: int = 2048
+    # MiB for ReFT prefix states kept across epochs (heft_core.prefix_cache); 0 recomputes them in
+    # every step; "auto" takes a quarter of the memory available where they live when the stage starts.
+    prefix_cache_mb: int | str = "auto"
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -218,7 +219,10 @@ class RunConfig:
             _require(value is None or (isinstance(value, int) and value >= 1), option, f"must be a positive integer or empty (all rows), got {value!r}")
         _require(isinstance(self.eval_batch_size, int) and 1 <= self.eval_batch_size <= 4096, "eval_batch_size", f"must be an integer in 1..4096, got {self.eval_batch_size!r}")
         _require(isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", f"must be an integer in 0..2**32-1, got {self.seed!r}")
-        _require(isinstance(self.prefix_cache_mb, int) and 0 <= self.prefix_cache_mb <= 1_048_576, "prefix_cache_mb", f"must be an integer in 0..1048576 (MiB), got {self.prefix_cache_mb!r}")
+        _require(
+            self.prefix_cache_mb == "auto" or (isinstance(self.prefix_cache_mb, int) and 0 <= self.prefix_cache_mb <= 1_048_576),
+            "prefix_cache_mb", f"must be 'auto' or an integer in 0..1048576 (MiB), got {self.prefix_cache_mb!r}",
+        )
 
     # --- what the method uses -------------------------------------------------------------
     @property

@@ -12,6 +12,7 @@ memory up to a byte budget and later epochs (and per-epoch evaluations) skip the
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -21,6 +22,34 @@ from heft_core.batching import Batch
 logger = logging.getLogger(__name__)
 
 LayerStates = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each (kv_heads, tokens, head_dim)
+
+AUTO_SHARE = 0.25  # "auto": this share of the memory available where the states live
+AUTO_FALLBACK_BYTES = 2 * 2**30  # when the available memory cannot be read
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory of ``device`` (CUDA), or the host's MemAvailable; None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def resolve_budget(setting: int | str, device: torch.device) -> int:
+    """Bytes for prefix states: ``setting`` MiB, or for "auto" a quarter of what is available now."""
+    if setting != "auto":
+        return int(setting) * 2**20
+    available = available_bytes(device)
+    return int(available * AUTO_SHARE) if available is not None else AUTO_FALLBACK_BYTES
 
 
 class PrefixStateCache:

@@ -25,7 +25,7 @@ from heft_core.callbacks import CallbackList, EvalEvent, StepEvent, TrainerCallb
 from heft_core.config import ConfigError, RunConfig, StageSettings
 from heft_core.evaluate import Prediction, accuracy_of, predict
 from heft_core.models import ModelInfo, load_model, load_tokenizer, model_info
-from heft_core.prefix_cache import PrefixStateCache
+from heft_core.prefix_cache import PrefixStateCache, resolve_budget
 from heft_core.prompt import EncodedExample, PromptEncoder
 from heft_core.stats import AccuracyResult
 
@@ -285,14 +285,15 @@ def train(config: RunConfig, output_dir: str | Path, callbacks: Sequence[Trainer
                 lora_model.merge_adapter()
             host = lora_model
         torch.manual_seed(config.seed)
-        prefix_cache = PrefixStateCache(config.prefix_cache_mb * 2**20)
+        prefix_cache = PrefixStateCache(resolve_budget(config.prefix_cache_mb, trainer.device))
         reft_model = ReftAnswerModel(host, config.reft, info.num_layers, info.hidden_size, prefix_cache=prefix_cache)
         trainable["reft"] = count_parameters(reft_model.trainable_parameters())
         cb.on_log(f"stage reft: {trainable['reft']:,} trainable parameters on layers {reft_model.layers} at {config.reft.positions}")
         trainer.run_stage("reft", reft_model, config.reft_stage)
         if prefix_cache.hits or prefix_cache.misses:
             cb.on_log(
-                f"reft prefix states: {len(prefix_cache)} prompts kept ({prefix_cache.used_bytes / 2**20:.0f} MiB), "
+                f"reft prefix states: {len(prefix_cache)} prompts kept ({prefix_cache.used_bytes / 2**20:.0f} of {prefix_cache.budget_bytes / 2**20:.0f} MiB "
+                f"budget, prefix_cache_mb={config.prefix_cache_mb}), "
                 f"{prefix_cache.hits} reused, {prefix_cache.misses} computed"
             )
         if fingerprint is not None:

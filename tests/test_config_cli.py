@@ -158,3 +158,11 @@ def test_cli_help_documents_every_option():
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     for flag in ("--lora-rank", "--reft-positions", "--reft-layers", "--stage2-mode", "--lora-epochs", "--reft-epochs", "--set", "--config"):
         assert flag in help_text
+
+
+def test_cli_prefix_cache_flag_takes_auto_or_mib():
+    parser = cli.build_parser()
+    for raw, expected in (("auto", "auto"), ("AUTO", "auto"), ("64", 64), ("0", 0)):
+        args = parser.parse_args(["train", "--prefix-cache-mb", raw, "-o", "out"])
+        assert cli.config_from_args(args).prefix_cache_mb == expected
+    assert cli.config_from_args(parser.parse_args(["train", "-o", "out"])).prefix_cache_mb == "auto"

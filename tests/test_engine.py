@@ -327,3 +327,19 @@ def test_prefix_cache_stops_storing_at_its_budget_and_still_answers(tiny_model):
     assert len(small) == 2 and small.full and small.used_bytes <= small.budget_bytes
     assert (small.hits, small.misses) == (2, 6)
     torch.testing.assert_close(first, second)
+
+
+def test_prefix_cache_budget_auto_is_a_share_of_available_memory():
+    from heft_core.config import ConfigError, RunConfig
+    from heft_core.prefix_cache import AUTO_SHARE, available_bytes, resolve_budget
+
+    cpu = torch.device("cpu")
+    assert resolve_budget(0, cpu) == 0
+    assert resolve_budget(3, cpu) == 3 * 2**20
+    available = available_bytes(cpu)
+    assert available is not None and available > 0  # /proc/meminfo on Linux
+    assert 0 < resolve_budget("auto", cpu) <= AUTO_SHARE * available * 1.5  # memory moves between the two reads
+    assert RunConfig().prefix_cache_mb == "auto"
+    assert RunConfig(prefix_cache_mb=512).prefix_cache_mb == 512
+    with pytest.raises(ConfigError, match="prefix_cache_mb"):
+        RunConfig(prefix_cache_mb="lots")
