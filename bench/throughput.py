@@ -525,7 +525,7 @@ REFT_OURS_KINDS = ("reft-ours", "reft-ours-full", "reft-ours-cached", "heft2-our
 
 
 def build_side(kind: str, opts: BenchOptions, workload: Workload, max_steps: int) -> Side:
-    """Build one side from scratch. Kinds: lora-ours, lora-ours-bf16, lora-ref, lora-ref-bf16, reft-ref and ``REFT_OURS_KINDS``."""
+    """Build one side from scratch. Kinds: lora-ours, lora-ours-bf16, lora-ours-compiled, lora-ref, lora-ref-bf16, reft-ref and ``REFT_OURS_KINDS``."""
     from heft_core.adapters import PlainAnswerModel, ReftAnswerModel, build_lora_model
 
     device = opts.torch_device
@@ -534,11 +534,14 @@ def build_side(kind: str, opts: BenchOptions, workload: Workload, max_steps: int
     # "bf16" does that on CPUs (see heft_core.train.resolve_precision), and so does the Trainer's
     # bf16=True (mixed precision over the model as loaded).
     bf16_side = kind.endswith("-bf16")
-    if kind in ("lora-ours", "lora-ours-bf16"):
+    if kind in ("lora-ours", "lora-ours-bf16", "lora-ours-compiled"):
         base = load_base(opts, ours=True)
         torch.manual_seed(opts.seed)
         model = build_lora_model(base, lora_settings(opts), model_shape(base)[0])
         autocast = bf16_autocast(device) if bf16_side or opts.bf16_autocast_ref else None
+        if kind == "lora-ours-compiled":  # a probe, not heft_core's path: see --compile-probe
+            for layer in model.get_base_model().model.layers:
+                layer.forward = torch.compile(layer.forward, dynamic=True)
         return OursSide(kind, PlainAnswerModel(model), workload.ours(device), yes_id=workload.yes_id, no_id=workload.no_id, lr=opts.lora_lr, autocast=autocast)
     if kind in ("lora-ref", "lora-ref-bf16"):
         from peft import LoraConfig, get_peft_model
@@ -635,6 +638,7 @@ class SideTiming:
     chunk_tokens: list[int] = field(default_factory=list)
     chunk_flops: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    warmup_seconds: float = 0.0  # untimed in the ratios; includes compiling for a compiled side
     peak_device_bytes: int | None = None  # CUDA only: max allocated during this side's chunks
     device_increment_bytes: int | None = None  # CUDA only: that peak minus what was allocated before the chunk
 
@@ -652,8 +656,10 @@ def alternate(sides: Sequence[Side], *, warmup: int, steps: int, repeats: int, d
     timings = {side.name: SideTiming(side.name) for side in sides}
     for side in sides:
         logger.info("warmup %s (%d steps)", side.name, warmup)
+        start = time.perf_counter()
         side.run(warmup)
-    synchronize(device)
+        synchronize(device)
+        timings[side.name].warmup_seconds = time.perf_counter() - start
     for round_index in range(repeats):
         order = list(sides[round_index % len(sides):]) + list(sides[: round_index % len(sides)])
         for side in order:
@@ -1110,6 +1116,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reft-configs", default="8,16,24:l1", help="';'-separated layers:positions pairs for the ReFT pair, e.g. '8,16,24:l1;all:f7+l7'")
     parser.add_argument("--pairs", default="lora,reft,eval", help="which pairs to run (lora includes the bf16 precision side)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast side")
+    parser.add_argument("--profile", default=None, metavar="KIND", help="print torch.profiler's table for one training step of a side (e.g. lora-ours, lora-ref, reft-ours) and exit")
+    parser.add_argument("--compile-probe", action="store_true", help="add a LoRA side whose decoder layers run under torch.compile (measures that idea; heft_core does not compile)")
     parser.add_argument("--heft2", action="store_true", help="add heft_core's HEFT stage 2 (ReFT on a frozen LoRA model) to the ReFT group")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -1130,8 +1138,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def lora_kinds(args: argparse.Namespace) -> list[str]:
-    return ["lora-ours", "lora-ref"] + ([] if args.no_bf16 else ["lora-ours-bf16", "lora-ref-bf16"])
+def lora_kinds(args: argparse.Namespace, memory: bool = False) -> list[str]:
+    kinds = ["lora-ours", "lora-ref"] + ([] if args.no_bf16 else ["lora-ours-bf16", "lora-ref-bf16"])
+    return kinds + (["lora-ours-compiled"] if args.compile_probe and not memory else [])
 
 
 def reft_kinds(heft2: bool) -> list[str]:
@@ -1174,11 +1183,22 @@ def run_lora_group(args: argparse.Namespace, opts: BenchOptions, workload: Workl
         "lora-ref": f"transformers Trainer + peft LoRA, causal-LM loss over full logits, {precision}",
         "lora-ours-bf16": "heft_core as lora-ours under torch.autocast(bfloat16) (fp32 weights: heft_core's bf16 on CPUs)",
         "lora-ref-bf16": "Trainer as lora-ref with TrainingArguments(bf16=True) (autocast over the fp32 model)",
+        "lora-ours-compiled": f"lora-ours with every decoder layer's forward under torch.compile(dynamic=True), {precision}",
     }
     lines = training_table(f"LoRA (rank {opts.lora_rank}, all-linear) — heft_core vs transformers Trainer", {k: timings[k] for k in kinds[:2]}, "lora-ref", memory, peaks, {k: peak_name for k in kinds[:2]}, descriptions)
     if not args.no_bf16:
         lines += training_table("LoRA in bf16 — heft_core vs transformers Trainer, both under bf16 autocast", {k: timings[k] for k in ("lora-ours-bf16", "lora-ref-bf16")}, "lora-ref-bf16", memory, peaks, {"lora-ours-bf16": "bf16", "lora-ref-bf16": "bf16"}, descriptions)
         lines += training_table("Precision — heft_core LoRA bf16 vs fp32 (what the precision setting changes)", {k: timings[k] for k in ("lora-ours-bf16", "lora-ours")}, "lora-ours", memory, peaks, {"lora-ours-bf16": "bf16"}, descriptions)
+    if args.compile_probe:
+        pair = {k: timings[k] for k in ("lora-ours-compiled", "lora-ours", "lora-ref")}
+        lines += training_table("Probe — torch.compile of the decoder layers (not heft_core's path)", pair, "lora-ours", None, peaks, {k: peak_name for k in pair}, descriptions)
+        compiled = timings["lora-ours-compiled"]
+        lines += [
+            f"Untimed warmup ({args.warmup} step(s) per side), compiling included: lora-ours-compiled {compiled.warmup_seconds:.1f} s, "
+            f"lora-ours {timings['lora-ours'].warmup_seconds:.1f} s (inductor's cache: {os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'default')}). "
+            f"Compiled vs the Trainer recipe: {fmt_range(paired_ratios(compiled, timings['lora-ref']))}.",
+            "",
+        ]
     return lines
 
 
@@ -1210,6 +1230,26 @@ def run_reft_group(args: argparse.Namespace, opts: BenchOptions, workload: Workl
     return training_table(title, timings, "reft-ref", memory, peaks, {k: peak_name for k in kinds}, descriptions)
 
 
+def profile_side(kind: str, opts: BenchOptions, workload: Workload, warmup: int, rows: int = 25) -> str:
+    """Where one training step of ``kind`` spends its time: torch.profiler's table by op and shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    side = build_side(kind, opts, workload, max_steps=warmup + 1)
+    try:
+        side.run(warmup)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if opts.torch_device.type == "cuda" else [])
+        with profile(activities=activities, record_shapes=True) as prof:
+            side.run(1)
+            synchronize(opts.torch_device)
+        index = warmup % len(workload.chunks)
+        chunk = workload.chunks[index]
+        title = f"{kind}: one step on batch {index} ({len(chunk)} rows, padded width {max(len(e.input_ids) for e in chunk)})"
+        table = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=40, max_shapes_column_width=60)
+        return f"{title}\n{table}"
+    finally:
+        side.close()
+
+
 def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -1227,6 +1267,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     tokenizer = load_tokenizer(args.model)
     num_batches = args.warmup + args.steps * args.repeats
     workload = build_workload(args.data, tokenizer, batch_size=args.batch_size, num_batches=num_batches, passage_tokens=args.passage_tokens, max_length=args.max_length, seed=args.seed)
+    if args.profile:
+        report = profile_side(args.profile, opts, workload, max(1, args.warmup))
+        print(report)
+        return report
     from transformers import AutoConfig
 
     from heft_core.models import resolve_model_path
@@ -1247,7 +1291,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     memory: dict[str, dict[str, list[dict[str, float]]]] = {}
     if args.memory_repeats:
         if "lora" in pairs:
-            memory["lora"] = measure_memory(lora_kinds(args), opts, workload, steps=args.memory_steps, repeats=args.memory_repeats)
+            memory["lora"] = measure_memory(lora_kinds(args, memory=True), opts, workload, steps=args.memory_steps, repeats=args.memory_repeats)
         if "reft" in pairs:
             for spec, layers, positions in reft_specs:
                 spec_opts = dataclasses.replace(opts, reft_layers=layers, reft_positions=positions)

@@ -64,6 +64,13 @@ def test_throughput_quick_on_tiny_model(tiny_model, tmp_path):
             assert spread < 1e-3, line
 
 
+def test_throughput_profile_prints_the_step_ops(tiny_model):
+    report = throughput.main(["--profile", "lora-ours", "--model", tiny_model, "--data", "synthetic", "--quick"])
+    assert report.startswith("lora-ours: one step on batch 1")
+    assert "aten::mm" in report  # the step's matrix products, with their shapes
+    assert "Input Shapes" in report
+
+
 def test_reproduce_smoke_records_runs(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("HEFT_HOME", str(tmp_path / "home"))
     summary = reproduce.main([
