@@ -201,6 +201,11 @@ def run_one(plan: Plan, args: argparse.Namespace, data: Any, run_dir: Path, engi
     from heft_core.train import train
 
     config = make_config(plan, args, len(data.train), len(data.validation))
+    if args.resume:
+        earlier = finished_outcome(plan, config, run_dir, engine)
+        if earlier is not None:
+            logger.info("%s: finished by an earlier invocation in %s (accuracy %.4f); not trained again", plan.name, run_dir, earlier.accuracy)
+            return earlier
     outcome = Outcome(plan, str(run_dir))
     recorder = None
     if engine is not None:
@@ -231,6 +236,44 @@ def run_one(plan: Plan, args: argparse.Namespace, data: Any, run_dir: Path, engi
     if result.predictions:
         outcome.yes_rate = sum(p.predicted for p in result.predictions) / len(result.predictions)
     logger.info("%s: accuracy %s (%.0f s wall)", plan.name, acc, time.perf_counter() - started)
+    return outcome
+
+
+# Settings that change how fast a run trains, not what it learns: --resume ignores them.
+SPEED_ONLY_SETTINGS = ("prefix_cache_mb",)
+
+
+def finished_outcome(plan: Plan, config: Any, run_dir: Path, engine: Any) -> Outcome | None:
+    """The outcome of this plan from an earlier invocation (``--resume``): a completed run in
+    ``run_dir`` trained with the same settings that the method uses, apart from ``SPEED_ONLY_SETTINGS``."""
+    from heft_core.artifacts import RunLoadError, load_run
+
+    try:
+        run = load_run(run_dir)
+    except RunLoadError:
+        return None
+
+    def learning_settings(run_config: Any) -> dict[str, Any]:
+        return {k: v for k, v in run_config.effective_dict().items() if k not in SPEED_ONLY_SETTINGS}
+
+    result = run.meta.get("result", {})
+    if result.get("status") != "completed" or learning_settings(run.config) != learning_settings(config):
+        logger.info("%s: %s holds a run with other settings or unfinished; training again", plan.name, run_dir)
+        return None
+    low, high = result["accuracy_ci"]
+    outcome = Outcome(
+        plan, str(run_dir), accuracy=result["accuracy"], low=low, high=high, n=result["eval_n"],
+        trainable_params=result["trainable_params"], train_seconds=result["train_seconds"], tokens_per_second=result["tokens_per_second"],
+    )
+    outcome.curve = [(e["cumulative_epoch"], e["accuracy"]) for e in json.loads((Path(run_dir) / "evals.json").read_text())]
+    predictions = run.predictions()
+    outcome.correct = {p["uid"]: p["correct"] for p in predictions}
+    outcome.yes_rate = sum(p["predicted"] for p in predictions) / len(predictions) if predictions else None
+    if engine is not None:
+        from storage import queries
+
+        recorded = queries.run_with_artifact_dir(engine, run_dir)
+        outcome.db_run_id = recorded.id if recorded is not None else None
     return outcome
 
 
@@ -371,6 +414,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
     parser.add_argument("--out", default=None, help="output directory (default: bench/results/reproduce-<date>-<cpu|gpu>)")
     parser.add_argument("--no-db", action="store_true", help="do not record runs in the HEFT Studio database")
+    parser.add_argument("--resume", action="store_true", help="reuse runs an earlier invocation finished in --out with the same settings (an interrupted reproduction goes on where it stopped)")
     parser.add_argument("--db", default=None, help="database file (default: the app's, under HEFT_HOME)")
     parser.add_argument("--name-prefix", default="repro: ", help="prefix of run names in the database")
     parser.add_argument("-v", "--verbose", action="store_true")

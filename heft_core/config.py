@@ -267,6 +267,20 @@ class RunConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def effective_dict(self) -> dict[str, Any]:
+        """``to_dict`` without what this method does not use (LoRA settings in a ReFT run, ...)."""
+        data = self.to_dict()
+        unused = []
+        if not self.uses_lora:
+            unused += ["lora", "lora_stage"]
+        if not self.uses_reft:
+            unused += ["reft", "reft_stage", "prefix_cache_mb"]
+        if self.method != "heft":
+            unused.append("heft_stage2_mode")
+        for key in unused:
+            data.pop(key)
+        return data
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         data = dict(data)

@@ -181,6 +181,16 @@ def get_run(engine: Engine, run_id: int) -> Optional[Run]:
         return run
 
 
+def run_with_artifact_dir(engine: Engine, path: str | Path) -> Optional[Run]:
+    """The newest run whose artifacts are in ``path``, detached, or None."""
+    stmt = select(Run).where(col(Run.artifact_dir) == os.path.abspath(os.fspath(path))).order_by(col(Run.id).desc()).limit(1)
+    with _detached_session(engine) as sess:
+        run = sess.scalars(stmt).first()
+        if run is not None:
+            sess.expunge(run)
+        return run
+
+
 def list_runs(
     engine: Engine,
     *,

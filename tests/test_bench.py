@@ -97,6 +97,20 @@ def test_reproduce_smoke_records_runs(tiny_model, tmp_path, monkeypatch):
         assert queries.evaluations(engine, run.id)
         assert bool(queries.metrics_since(engine, run.id)) == (run.method != "base")  # a zero-shot run has no steps
 
+    # --resume takes finished runs with the same settings from the output directory, trains the rest
+    args = ["--model", tiny_model, "--data", "synthetic", "--train-size", "16", "--eval-size", "16", "--epochs", "1",
+            "--heft-splits", "1+1", "--max-length", "64", "--no-long", "--batch-size", "8", "--out", str(tmp_path / "out"),
+            "--db", str(tmp_path / "home" / "heft.db"), "--resume"]
+    again = {r["name"]: r for r in reproduce.main(args)["runs"]}
+    for name, run in runs.items():
+        assert (again[name]["accuracy"], again[name]["db_run_id"]) == (run["accuracy"], run["db_run_id"])
+        assert again[name]["train_seconds"] == pytest.approx(run["train_seconds"], abs=0.01)  # run.json keeps 2 decimals
+    assert len(queries.list_runs(engine)) == 4
+    changed = {r["name"]: r for r in reproduce.main([*args, "--lora-lr", "0.003"])["runs"]}
+    retrained = {name for name in runs if changed[name]["db_run_id"] != runs[name]["db_run_id"]}
+    assert retrained == {"lora-1ep-s42", "heft-1+1-s42"}  # the LoRA learning rate changes only these
+    assert len(queries.list_runs(engine)) == 6
+
 
 def test_gpu_check_code_paths_on_cpu(tmp_path, monkeypatch):
     monkeypatch.delenv("OUT", raising=False)

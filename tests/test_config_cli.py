@@ -166,3 +166,13 @@ def test_cli_prefix_cache_flag_takes_auto_or_mib():
         args = parser.parse_args(["train", "--prefix-cache-mb", raw, "-o", "out"])
         assert cli.config_from_args(args).prefix_cache_mb == expected
     assert cli.config_from_args(parser.parse_args(["train", "-o", "out"])).prefix_cache_mb == "auto"
+
+
+def test_effective_dict_keeps_only_what_the_method_uses():
+    from heft_core.config import RunConfig
+
+    keys = {method: set(RunConfig(method=method).effective_dict()) for method in ("base", "lora", "reft", "heft")}
+    assert keys["heft"] == set(RunConfig().to_dict())
+    assert keys["lora"] == keys["heft"] - {"reft", "reft_stage", "prefix_cache_mb", "heft_stage2_mode"}
+    assert keys["reft"] == keys["heft"] - {"lora", "lora_stage", "heft_stage2_mode"}
+    assert keys["base"] == keys["lora"] - {"lora", "lora_stage"}
