@@ -94,6 +94,7 @@ class Outcome:
     yes_rate: float | None = None  # share of evaluation questions answered "yes" (compare with the gold share)
     db_run_id: int | None = None
     error: str | None = None
+    resumed: bool = False  # read back from an earlier invocation (--resume), not trained by this one
 
 
 # --------------------------------------------------------------------------- planning
@@ -264,6 +265,7 @@ def finished_outcome(plan: Plan, config: Any, run_dir: Path, engine: Any) -> Out
     outcome = Outcome(
         plan, str(run_dir), accuracy=result["accuracy"], low=low, high=high, n=result["eval_n"],
         trainable_params=result["trainable_params"], train_seconds=result["train_seconds"], tokens_per_second=result["tokens_per_second"],
+        resumed=True,
     )
     outcome.curve = [(e["cumulative_epoch"], e["accuracy"]) for e in json.loads((Path(run_dir) / "evals.json").read_text())]
     predictions = run.predictions()
@@ -460,6 +462,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         outcomes.append(run_one(plan, args, data, out / "runs" / plan.name, engine, batch_id, signature))
     wall = time.perf_counter() - started
 
+    resumed = sum(o.resumed for o in outcomes)
     title = f"{args.model} on {data.label}: {len(data.train)} train / {len(data.validation)} eval"
     chart = out / "accuracy_vs_epochs.png"
     try:
@@ -476,7 +479,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"- epochs E={args.epochs}; HEFT splits {args.heft_splits}; long baselines: " + (f"{args.long_epochs} epochs (E × {args.long_factor:g}, rounded)" + (f", first {args.long_seeds} seed(s) only" if args.long_seeds is not None else "") if args.long_epochs else "skipped (--no-long)"),
         f"- LoRA rank {args.lora_rank}, alpha {args.lora_alpha or 2 * args.lora_rank:g}, targets {args.lora_targets}, lr {args.lora_lr:g}; ReFT rank {args.reft_rank}, layers {args.reft_layers}, positions {args.reft_positions}, lr {args.reft_lr:g}",
         f"- batch {args.batch_size} × grad-accum {args.grad_accum}, warmup ratio {args.warmup_ratio}, linear schedule, max length {args.max_length}, precision {args.precision}",
-        f"- total wall time: {wall / 60:.1f} min; database: {'not used' if engine is None else f'batch {batch_id}'}",
+        f"- total wall time: {wall / 60:.1f} min" + (f" (this invocation; {resumed} of {len(outcomes)} runs read back from earlier ones with --resume)" if resumed else "")
+        + f"; database: {'not used' if engine is None else f'batch {batch_id}'}",
         "",
         "## Results", "", *results_table(outcomes), "",
     ]
@@ -497,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "name": o.plan.name, "method": o.plan.method, "group": o.plan.group, "seed": o.plan.seed, "lora_epochs": o.plan.lora_epochs,
             "reft_epochs": o.plan.reft_epochs, "accuracy": o.accuracy, "ci": [o.low, o.high], "n": o.n, "trainable_params": o.trainable_params,
             "train_seconds": o.train_seconds, "tokens_per_second": o.tokens_per_second, "curve": o.curve, "run_dir": o.run_dir,
-            "db_run_id": o.db_run_id, "error": o.error,
+            "db_run_id": o.db_run_id, "error": o.error, "resumed": o.resumed,
         } for o in outcomes],
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2))

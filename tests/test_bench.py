@@ -106,6 +106,8 @@ def test_reproduce_smoke_records_runs(tiny_model, tmp_path, monkeypatch):
         assert (again[name]["accuracy"], again[name]["db_run_id"]) == (run["accuracy"], run["db_run_id"])
         assert again[name]["train_seconds"] == pytest.approx(run["train_seconds"], abs=0.01)  # run.json keeps 2 decimals
     assert len(queries.list_runs(engine)) == 4
+    assert all(run["resumed"] for run in again.values())
+    assert "4 of 4 runs read back" in (tmp_path / "out" / "results.md").read_text()
     changed = {r["name"]: r for r in reproduce.main([*args, "--lora-lr", "0.003"])["runs"]}
     retrained = {name for name in runs if changed[name]["db_run_id"] != runs[name]["db_run_id"]}
     assert retrained == {"lora-1ep-s42", "heft-1+1-s42"}  # the LoRA learning rate changes only these
