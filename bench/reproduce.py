@@ -337,7 +337,22 @@ def mcnemar_table(outcomes: Sequence[Outcome]) -> list[str]:
     return lines
 
 
-def plot(outcomes: Sequence[Outcome], path: Path, title: str) -> None:
+def always_yes_table(outcomes: Sequence[Outcome], gold_yes: dict[str, bool]) -> list[str]:
+    """Each trained run against answering 'yes' to every question (the majority answer), paired."""
+    from heft_core.stats import paired_comparison
+
+    lines = ["| run | acc % | always 'yes' % | run-only right | 'yes'-only right | McNemar exact p |", "|---|---|---|---|---|---|"]
+    for o in outcomes:
+        if not o.correct or o.plan.method == "base":
+            continue
+        cmp = paired_comparison(o.correct, {uid: gold_yes[uid] for uid in o.correct})
+        p = f"{cmp.p_value:.3g}" + (" *" if cmp.p_value < 0.05 else "")
+        lines.append(f"| {o.plan.name} | {cmp.accuracy_a * 100:.1f} | {cmp.accuracy_b * 100:.1f} | {cmp.a_only} | {cmp.b_only} | {p} |")
+    return lines
+
+
+def plot(outcomes: Sequence[Outcome], path: Path, title: str, always_yes: float | None = None) -> None:
+    """Accuracy vs cumulative epochs per configuration; ``always_yes`` draws the constant-'yes' baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,6 +365,8 @@ def plot(outcomes: Sequence[Outcome], path: Path, title: str) -> None:
     base_items = groups.get("base", [])
     base = statistics.mean(o.curve[0][1] for o in base_items) if base_items else None
     fig, ax = plt.subplots(figsize=(8, 5))
+    if always_yes is not None:  # the majority answer: a trained model must beat this, not only the base
+        ax.axhline(always_yes * 100, color="grey", linestyle=":", label=f"always 'yes' {always_yes * 100:.1f}%")
     for name, items in groups.items():
         by_epoch: dict[int, list[float]] = {}
         for o in items:
@@ -466,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     title = f"{args.model} on {data.label}: {len(data.train)} train / {len(data.validation)} eval"
     chart = out / "accuracy_vs_epochs.png"
     try:
-        plot(outcomes, chart, title)
+        plot(outcomes, chart, title, always_yes=sum(e.answer for e in data.validation) / max(1, len(data.validation)))
     except Exception as exc:  # a chart problem must not lose the results
         logger.warning("chart failed: %r", exc)
     command = " ".join(shlex.quote(a) for a in ["python", "bench/reproduce.py", *(argv if argv is not None else sys.argv[1:])])
@@ -480,7 +497,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"- LoRA rank {args.lora_rank}, alpha {args.lora_alpha or 2 * args.lora_rank:g}, targets {args.lora_targets}, lr {args.lora_lr:g}; ReFT rank {args.reft_rank}, layers {args.reft_layers}, positions {args.reft_positions}, lr {args.reft_lr:g}",
         f"- batch {args.batch_size} × grad-accum {args.grad_accum}, warmup ratio {args.warmup_ratio}, linear schedule, max length {args.max_length}, precision {args.precision}",
         f"- total wall time: {wall / 60:.1f} min" + (f" (this invocation; {resumed} of {len(outcomes)} runs read back from earlier ones with --resume)" if resumed else "")
-        + f"; database: {'not used' if engine is None else f'batch {batch_id}'}",
+        + f"; database: {'not used' if engine is None else f'batch {batch_id}'}"
+        + ("; read-back runs keep their earlier rows (DB run column)" if resumed and engine is not None else ""),
         "",
         "## Results", "", *results_table(outcomes), "",
     ]
@@ -488,6 +506,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         lines += ["### Across seeds", "", *group_table(outcomes), ""]
     lines += [
         "### Pairwise McNemar tests (same evaluation questions; * p < 0.05)", "", *mcnemar_table(outcomes), "",
+        "### Against answering 'yes' to every question (the majority answer; same questions, * p < 0.05)", "",
+        *always_yes_table(outcomes, {e.uid: bool(e.answer) for e in data.validation}), "",
         f"![accuracy vs cumulative epochs]({chart.name})", "",
         "Per-question predictions: `runs/<run>/predictions.jsonl`; step metrics: `runs/<run>/metrics.jsonl`.",
         "Accuracy intervals are 95% Wilson intervals; McNemar p-values are exact (binomial) and uncorrected for multiple comparisons.",

@@ -84,6 +84,7 @@ def test_reproduce_smoke_records_runs(tiny_model, tmp_path, monkeypatch):
     assert (tmp_path / "out" / "accuracy_vs_epochs.png").stat().st_size > 0
     report = (tmp_path / "out" / "results.md").read_text()
     assert "McNemar" in report and "heft 1+1" in report and "answers yes %" in report and "always answers" in report
+    assert "| lora-1ep-s42 |" in report.split("Against answering 'yes'")[1]  # each trained run vs the majority answer
     assert json.loads((tmp_path / "out" / "results.json").read_text())["eval_signature"]
 
     from storage import queries
