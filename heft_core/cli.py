@@ -17,6 +17,7 @@ from heft_core.config import ConfigError, RunConfig
 
 logger = logging.getLogger("heft_core")
 
+
 def _int_or_auto(text: str) -> int | str:
     return "auto" if text.strip().lower() == "auto" else int(text)
 
