@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     from transformers import LlamaConfig
 
     config = LlamaConfig(**shape)
-    run_args = argparse.Namespace(warmup=args.warmup, steps=args.steps, repeats=args.repeats, memory_repeats=0, memory_steps=0, no_bf16=True, quick=args.tiny)
+    run_args = argparse.Namespace(warmup=args.warmup, steps=args.steps, repeats=args.repeats, memory_repeats=0, memory_steps=0, no_bf16=True, quick=args.tiny, compile_probe=False)
 
     def guarded(name: str, fn: Callable[[], list[str]]) -> None:
         elapsed = time.perf_counter() - report.started
