@@ -22,6 +22,7 @@ COPY --chown=user app.py ./
 COPY --chown=user app ./app
 COPY --chown=user heft_core ./heft_core
 COPY --chown=user storage ./storage
+COPY --chown=user heft_common ./heft_common
 
 USER user
 # HEFT_HOME defaults to /data/heft-studio when /data (persistent storage) is writable,

@@ -11,7 +11,7 @@ import uuid
 from typing import Any, Sequence
 
 from heft_core.config import RunConfig
-from heft_core.home import data_home
+from heft_common.home import data_home
 from storage import queries
 from storage.models import Run
 

@@ -21,7 +21,7 @@ from app import service, views
 from app.ask import AskError, AskService, normalise_model, parse_run_ids
 from app.worker import LOG_FILE, log_tail
 from heft_core.config import PRECISIONS, SCHEDULERS, STAGE2_MODES, ConfigError
-from heft_core.home import data_home
+from heft_common.home import data_home
 from storage import queries
 from storage.db import open_db
 

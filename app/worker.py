@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from app.child import run_results
-from heft_core.home import data_home, database_path, runs_dir
+from heft_common.home import data_home, database_path, runs_dir
 from storage import queries
 from storage.db import open_db
 from storage.models import Run

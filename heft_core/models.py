@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from heft_core.config import EMBEDDED_MODEL
-from heft_core.home import models_dir
+from heft_common.home import models_dir
 
 logger = logging.getLogger(__name__)
 

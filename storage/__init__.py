@@ -8,7 +8,7 @@ Typical use::
     from storage.db import open_db
     from storage import queries
 
-    engine = open_db()  # heft_core.home.database_path(), schema checked/created
+    engine = open_db()  # heft_common.home.database_path(), schema checked/created
     run = queries.create_run(engine, name=..., method="lora", config={...}, ...)
 """
 from storage.db import SchemaError, get_engine, init_db, open_db, session

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event, exc, text
 from sqlmodel import Session, SQLModel
 
-from heft_core.home import database_path
+from heft_common.home import database_path
 # Importing storage.models registers every table on SQLModel.metadata.
 from storage.models import SCHEMA_VERSION, SchemaInfo
 
@@ -84,7 +84,7 @@ def _install_listeners(engine: Engine) -> None:
 def get_engine(path: str | Path | None = None) -> Engine:
     """Return the (cached) engine for the database at ``path``.
 
-    Defaults to ``heft_core.home.database_path()``. The parent directory is created.
+    Defaults to ``heft_common.home.database_path()``. The parent directory is created.
     Engines are shared between threads; in a forked child the inherited pooled
     connections are discarded (not closed) and new ones opened.
     """

@@ -2,7 +2,7 @@
 
 One environment variable, ``HEFT_HOME``, decides it. Without it: ``/data/heft-studio`` on a
 Hugging Face Space with persistent storage (``/data`` exists and is writable), else
-``~/.cache/heft-studio``. Imports nothing heavy, so storage/ and app/ can use it.
+``~/.cache/heft-studio``. Imports only the standard library, so storage/, heft_core/ and app/ can all use it.
 """
 from __future__ import annotations
 
