@@ -32,7 +32,8 @@ Pairs
   increment" is that peak minus the RSS before the first step (``ru_maxrss`` would include the
   parent's RSS; see :func:`_memory_child` and :func:`_make_weights_anonymous`).
 - Utilisation: achieved model FLOP/s (formula in :func:`step_flops`) over the peak FLOP/s of a
-  plain 2048x2048 matmul measured in the same run (fp32 and bf16).
+  plain square matmul measured in the same run, at sizes chosen by time (:func:`timed_matmul_peak`),
+  for the dtypes the selected sides use only (no bf16 peak with ``--no-bf16``).
 
 Run ``python bench/throughput.py --help``; ``--quick`` gives a smoke run in a minute or two.
 """
@@ -60,7 +61,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -126,12 +127,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: Sequence[int] = (1024, 2048, 3072), iters: int = 4, repeats: int = 3) -> float:
-    """Best FLOP/s of square n x n @ n x n matmuls (2 n^3 FLOPs each) over ``sizes`` and ``repeats``.
+def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: Sequence[int], iters: int = 4, repeats: int = 3) -> float:
+    """Best FLOP/s of square n x n @ n x n matmuls (2 n^3 FLOPs each) at the fixed ``sizes`` given.
 
-    Several sizes because the fastest shape differs between machines and libraries; main()
-    measures again at the end and keeps the higher figure, so a burst of other load at the
-    start does not shrink the peak (which would inflate utilisation).
+    For callers that know their machine (bench/gpu_check.py on a GPU); this script itself picks
+    sizes by time with :func:`timed_matmul_peak`.
     """
     best = 0.0
     for n in sizes:
@@ -149,12 +149,175 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, sizes: Sequence[int] =
     return best
 
 
-def refresh_peaks(peaks: dict[str, float], device: torch.device, quick: bool = False) -> dict[str, float]:
-    """Measure the fp32 and bf16 matmul peaks again and keep the higher of old and new."""
-    sizes = (256,) if quick else (1024, 2048, 3072)
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        peaks[name] = max(peaks.get(name, 0.0), matmul_peak(device, dtype, sizes))
+PEAK_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PEAK_START_SIZE = 256
+PEAK_MAX_SIZE = 8192  # saturates a data-centre GPU; a CPU stops far below it on time
+PEAK_MULTIPLY_LIMIT_S = 0.2  # grow the matrices while the next multiply is predicted to stay under this
+PEAK_BUDGET_S = 3.0  # per dtype and measurement (a new size costs a warm-up multiply and a timed one)
+PEAK_REPEATS = 3  # timed multiplies at the final size, best kept: other load only ever slows one down
+QUICK_PEAK_MULTIPLY_LIMIT_S = 0.05
+QUICK_PEAK_BUDGET_S = 0.5
+
+
+@dataclass(frozen=True)
+class MatmulPeak:
+    """One timed peak measurement."""
+
+    flops_per_second: float
+    size: int  # n of the n x n @ n x n multiply that gave the best figure
+    sizes: tuple[int, ...]  # every size timed, in order
+    seconds: float  # wall time of the whole measurement
+
+
+class MatmulPeaks(dict[str, float]):
+    """Peak FLOP/s by dtype name (``PEAK_DTYPES``), plus the matrix size each figure came from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: dict[str, int] = {}
+
+
+def next_peak_size(n: int) -> int:
+    """256, 384, 512, 768, 1024 ...: steps of x1.5 and x4/3, so each multiply costs 2.4-3.4x the last."""
+    return n * 3 // 2 if n & (n - 1) == 0 else n * 4 // 3
+
+
+class SquareMultiplyTimer:
+    """Seconds of one warm n x n @ n x n multiply; keeps the operands of the last size asked for."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.size = 0
+        self.a = self.b = None
+
+    def __call__(self, n: int) -> float:
+        if n != self.size:
+            self.a = torch.randn(n, n, device=self.device).to(self.dtype)
+            self.b = torch.randn(n, n, device=self.device).to(self.dtype)
+            self.size = n
+            self.a @ self.b  # the first multiply at a size pays for allocation and packing
+            synchronize(self.device)
+        start = time.perf_counter()
+        self.a @ self.b
+        synchronize(self.device)
+        return time.perf_counter() - start
+
+
+def timed_matmul_peak(
+    device: torch.device, dtype: torch.dtype, *,
+    budget_s: float = PEAK_BUDGET_S, multiply_limit_s: float = PEAK_MULTIPLY_LIMIT_S,
+    start_size: int = PEAK_START_SIZE, max_size: int = PEAK_MAX_SIZE, repeats: int = PEAK_REPEATS,
+    time_multiply: Callable[[int], float] | None = None, clock: Callable[[], float] = time.perf_counter,
+) -> MatmulPeak:
+    """Best FLOP/s of square multiplies (2 n^3 FLOPs each) at sizes chosen by time, not a fixed ladder.
+
+    Starts at ``start_size`` and grows (:func:`next_peak_size`) while the next multiply, predicted
+    from the last by n^3, stays under ``multiply_limit_s`` and its warm-up plus timed multiply fit
+    in what is left of ``budget_s``; then times the last size again (``repeats`` in all) while the
+    budget allows. A fixed ladder up to 3072 ran for over 9 minutes on a CPU that emulates bf16;
+    this stops at a few hundred there and goes on to ``max_size`` on a GPU. ``time_multiply(n)``
+    (seconds of one warm multiply) and ``clock`` are parameters so that tests can fake them.
+    """
+    time_multiply = time_multiply or SquareMultiplyTimer(device, dtype)
+    started = clock()
+    timed: list[tuple[int, float]] = []  # (size, seconds of one multiply)
+    size = start_size
+    while True:
+        seconds = time_multiply(size)
+        timed.append((size, seconds))
+        bigger = next_peak_size(size)
+        predicted = seconds * (bigger / size) ** 3
+        if bigger > max_size or predicted > multiply_limit_s or 2 * predicted > budget_s - (clock() - started):
+            break
+        size = bigger
+    for _ in range(repeats - 1):
+        if seconds > budget_s - (clock() - started):
+            break
+        seconds = time_multiply(size)
+        timed.append((size, seconds))
+    rate, best_size = max((2 * n**3 / max(s, 1e-12), n) for n, s in timed)
+    return MatmulPeak(rate, best_size, tuple(dict.fromkeys(n for n, _ in timed)), clock() - started)
+
+
+def peak_limits(quick: bool) -> tuple[float, float]:
+    """(budget per dtype, limit per multiply) in seconds: ``--quick`` keeps the whole measurement under a second."""
+    return (QUICK_PEAK_BUDGET_S, QUICK_PEAK_MULTIPLY_LIMIT_S) if quick else (PEAK_BUDGET_S, PEAK_MULTIPLY_LIMIT_S)
+
+
+def refresh_peaks(
+    peaks: dict[str, float], device: torch.device, names: Iterable[str], quick: bool = False,
+) -> dict[str, float]:
+    """Measure the matmul peaks of ``names`` (keys of ``PEAK_DTYPES``) again; keep the higher of old and new.
+
+    Callers name only the dtypes their sides' utilisation is measured against, so that ``--no-bf16``
+    measures no bf16 peak. main() measures before and after each group, so a burst of other load
+    at the start does not shrink the peak (which would inflate utilisation).
+    """
+    for name in names:
+        if name not in PEAK_DTYPES:
+            raise ValueError(f"peak dtype {name!r}: expected one of {', '.join(PEAK_DTYPES)}")
+        budget, limit = peak_limits(quick)
+        result = timed_matmul_peak(device, PEAK_DTYPES[name], budget_s=budget, multiply_limit_s=limit)
+        logger.info(
+            "matmul peak %s: %.1f GFLOP/s at n=%d (sizes %s, %.1f s)",
+            name, result.flops_per_second / 1e9, result.size, "/".join(map(str, result.sizes)), result.seconds,
+        )
+        if result.flops_per_second > peaks.get(name, 0.0):
+            peaks[name] = result.flops_per_second
+            if isinstance(peaks, MatmulPeaks):
+                peaks.sizes[name] = result.size
     return peaks
+
+
+def cpu_has_bf16_units(flags: set[str] | None = None, machine: str | None = None) -> bool | None:
+    """Whether this CPU multiplies bf16 in hardware; None where that cannot be told.
+
+    x86: ``avx512_bf16`` or ``amx_bf16``; Arm: ``bf16``/``svebf16``. Without them torch converts
+    bf16 to fp32 in software, often slower than fp32 itself. ``flags``/``machine`` are for tests.
+    """
+    machine = (machine or platform.machine()).lower()
+    if flags is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+        match = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", text, re.MULTILINE)
+        if not match:
+            return None
+        flags = set(match.group(1).split())
+    if machine in ("x86_64", "amd64", "i386", "i686"):
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    if machine in ("aarch64", "arm64"):
+        return bool(flags & {"bf16", "svebf16"})
+    return None
+
+
+def peak_names(pairs: set[str], no_bf16: bool) -> list[str]:
+    """The peaks main()'s selected sides are measured against: fp32 (LoRA and ReFT sides), bf16 (bf16 LoRA sides)."""
+    names = ["fp32"] if pairs & {"lora", "reft"} else []
+    return names + (["bf16"] if "lora" in pairs and not no_bf16 else [])
+
+
+def peak_summary(peaks: dict[str, float], device: torch.device, bf16_units: bool | None, quick: bool = False) -> str:
+    """The report's line on the matmul peaks: each figure with its matrix size, and what was not measured."""
+    if not peaks:
+        return "- plain square matmul peak: not measured (no training pair selected)"
+    sizes = peaks.sizes if isinstance(peaks, MatmulPeaks) else {}
+    parts = []
+    for name, value in peaks.items():
+        size = f" at {sizes[name]}×{sizes[name]}" if name in sizes else ""
+        note = ""
+        if name == "bf16" and device.type == "cpu" and bf16_units is False:
+            note = " (emulated: this CPU has no bf16 units such as avx512_bf16/amx_bf16; bf16 runs in software)"
+        parts.append(f"{name} {value / 1e9:,.0f} GFLOP/s{size}{note}")
+    skipped = [name for name in PEAK_DTYPES if name not in peaks]
+    tail = f"; {', '.join(skipped)} not measured (no side uses it)" if skipped else ""
+    budget, limit = peak_limits(quick)
+    return (
+        f"- plain square matmul peak (sizes grown from {PEAK_START_SIZE} while one multiply takes under {limit:g} s, "
+        f"about {budget:g} s per dtype at most; measured before and after each group, best kept): "
+        + ", ".join(parts) + tail
+    )
 
 
 # --------------------------------------------------------------------------- batches
@@ -1115,7 +1278,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reft-lr", type=float, default=2e-3)
     parser.add_argument("--reft-configs", default="8,16,24:l1", help="';'-separated layers:positions pairs for the ReFT pair, e.g. '8,16,24:l1;all:f7+l7'")
     parser.add_argument("--pairs", default="lora,reft,eval", help="which pairs to run (lora includes the bf16 precision side)")
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast side")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 autocast sides and their bf16 matmul peak")
     parser.add_argument("--profile", default=None, metavar="KIND", help="print torch.profiler's table for one training step of a side (e.g. lora-ours, lora-ref, reft-ours) and exit")
     parser.add_argument("--compile-probe", action="store_true", help="add a LoRA side whose decoder layers run under torch.compile (measures that idea; heft_core does not compile)")
     parser.add_argument("--heft2", action="store_true", help="add heft_core's HEFT stage 2 (ReFT on a frozen LoRA model) to the ReFT group")
@@ -1176,7 +1339,7 @@ def run_lora_group(args: argparse.Namespace, opts: BenchOptions, workload: Workl
     finally:
         close_all(sides)
     release_memory()
-    refresh_peaks(peaks, opts.torch_device, args.quick)
+    refresh_peaks(peaks, opts.torch_device, dict.fromkeys([peak_name] + ([] if args.no_bf16 else ["bf16"])), args.quick)
     precision = "bf16 autocast" if opts.bf16_autocast_ref else "fp32"
     descriptions = {
         "lora-ours": f"heft_core: answer-position logits, CE on the answer token, {precision}",
@@ -1218,7 +1381,7 @@ def run_reft_group(args: argparse.Namespace, opts: BenchOptions, workload: Workl
     finally:
         close_all(sides)
     release_memory()
-    refresh_peaks(peaks, opts.torch_device, args.quick)
+    refresh_peaks(peaks, opts.torch_device, [peak_name], args.quick)
     descriptions = {
         "reft-ours": "heft_core ReftAnswerModel: answer-position logits, CE on the answer token; prefix before the first intervened position run without autograd (first epoch)",
         "reft-ours-full": "reft-ours with prefix reuse off: the whole prompt runs with autograd (measures that idea alone)",
@@ -1276,9 +1439,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     from heft_core.models import resolve_model_path
 
     config = AutoConfig.from_pretrained(resolve_model_path(args.model))
-    logger.info("measuring matmul peaks")
-    peaks = refresh_peaks({}, device, args.quick)
     pairs = {p.strip() for p in args.pairs.split(",") if p.strip()}
+    bf16_units = cpu_has_bf16_units()
+    if "lora" in pairs and not args.no_bf16 and bf16_units is False:
+        logger.warning("this CPU has no bf16 units (avx512_bf16/amx_bf16): the bf16 sides run emulated; --no-bf16 skips them")
+    logger.info("measuring matmul peaks")
+    peaks = refresh_peaks(MatmulPeaks(), device, peak_names(pairs, args.no_bf16), args.quick)
 
     sections: list[str] = []
     failures: list[str] = []
@@ -1337,7 +1503,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         "",
         *[f"- {k}: {v}" for k, v in machine_description(device).items()],
         f"- load average (1/5/15 min) at start: {load_start}; at end: {load_average()} — other processes shared the CPU; only ratios are meaningful",
-        f"- plain square matmul peak (best of 1024/2048/3072, measured before and after each group): fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s",
+        peak_summary(peaks, device, bf16_units, args.quick),
         "",
         "## Settings",
         "",

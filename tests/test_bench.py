@@ -71,6 +71,99 @@ def test_throughput_profile_prints_the_step_ops(tiny_model):
     assert "Input Shapes" in report
 
 
+def test_throughput_no_bf16_measures_no_bf16_peak(tiny_model, tmp_path, monkeypatch):
+    asked: list[torch.dtype] = []
+
+    def spy(device, dtype, **limits):
+        asked.append(dtype)
+        return throughput.MatmulPeak(1e9, 256, (256,), 0.0)
+
+    monkeypatch.setattr(throughput, "timed_matmul_peak", spy)
+    report = throughput.main([
+        "--quick", "--no-bf16", "--pairs", "lora,reft", "--model", tiny_model, "--data", "synthetic",
+        "--reft-configs", "1,2:l1", "--memory-repeats", "0", "--out", str(tmp_path / "throughput.md"),
+    ])
+    assert "## Failures" not in report, report
+    assert torch.float32 in asked  # before the groups and after each one
+    assert torch.bfloat16 not in asked
+    peak_line = next(line for line in report.splitlines() if "matmul peak" in line)
+    assert "fp32 1 GFLOP/s at 256×256" in peak_line and "bf16 not measured" in peak_line
+    assert "LoRA in bf16" not in report
+    # the dtypes follow the selected sides: bf16 only where a bf16 side runs
+    assert throughput.peak_names({"lora", "reft", "eval"}, no_bf16=False) == ["fp32", "bf16"]
+    assert throughput.peak_names({"reft"}, no_bf16=False) == ["fp32"]
+    assert throughput.peak_names({"eval"}, no_bf16=False) == []
+
+
+class FakeMatmulMachine:
+    """A fake clock and multiply timer: bigger multiplies run closer to ``flops_per_second``; a new size costs a warm-up too."""
+
+    def __init__(self, flops_per_second: float) -> None:
+        self.rate = flops_per_second
+        self.now = 0.0
+        self.timed: list[int] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def multiply_seconds(self, n: int) -> float:
+        return 2 * n**3 / self.rate_at(n)
+
+    def rate_at(self, n: int) -> float:
+        return self.rate * n / (n + 64)
+
+    def time_multiply(self, n: int) -> float:
+        seconds = self.multiply_seconds(n)
+        if not self.timed or self.timed[-1] != n:
+            self.now += seconds  # warm-up multiply at a new size
+        self.now += seconds
+        self.timed.append(n)
+        return seconds
+
+
+@pytest.mark.parametrize("rate, budget", [(1.5e9, 3.0), (1e11, 3.0), (1e11, 0.5), (1e15, 3.0)])
+def test_throughput_peak_sizes_are_bounded_by_the_time_budget(rate, budget):
+    machine = FakeMatmulMachine(rate)
+    peak = throughput.timed_matmul_peak(
+        torch.device("cpu"), torch.float32, budget_s=budget, multiply_limit_s=0.2,
+        time_multiply=machine.time_multiply, clock=machine.clock,
+    )
+    assert machine.now <= budget  # the whole measurement, warm-ups included
+    assert machine.timed[0] == throughput.PEAK_START_SIZE and machine.timed == sorted(machine.timed)
+    assert all(machine.multiply_seconds(n) <= 0.2 for n in machine.timed)
+    biggest = max(machine.timed)
+    assert biggest == throughput.PEAK_MAX_SIZE or machine.multiply_seconds(throughput.next_peak_size(biggest)) > 0.2 or budget < 1
+    assert peak.size == biggest and peak.sizes == tuple(dict.fromkeys(machine.timed))
+    assert peak.flops_per_second == pytest.approx(machine.rate_at(biggest))
+    assert machine.timed.count(biggest) == 3 or budget < 1  # best of three at the final size
+
+
+def test_throughput_peak_on_emulated_bf16_stops_small():
+    """The CPU of the report: bf16 without units at ~1 GFLOP/s; the old fixed ladder went to 3072 (~60 s a multiply)."""
+    machine = FakeMatmulMachine(1e9)
+    peak = throughput.timed_matmul_peak(torch.device("cpu"), torch.bfloat16, time_multiply=machine.time_multiply, clock=machine.clock)
+    assert peak.size <= 512 and machine.now <= throughput.PEAK_BUDGET_S
+    slow = FakeMatmulMachine(1e6)  # even the first size is over budget: it is timed once, nothing more
+    throughput.timed_matmul_peak(torch.device("cpu"), torch.bfloat16, time_multiply=slow.time_multiply, clock=slow.clock)
+    assert slow.timed == [throughput.PEAK_START_SIZE]
+
+
+def test_throughput_notes_emulated_bf16():
+    assert throughput.cpu_has_bf16_units({"avx2", "fma"}, "x86_64") is False
+    assert throughput.cpu_has_bf16_units({"avx512f", "avx512_bf16"}, "x86_64") is True
+    assert throughput.cpu_has_bf16_units({"amx_bf16"}, "x86_64") is True
+    assert throughput.cpu_has_bf16_units({"asimd", "bf16"}, "aarch64") is True
+    assert throughput.cpu_has_bf16_units(set(), "riscv64") is None
+    peaks = throughput.MatmulPeaks()
+    peaks.update(fp32=5e10, bf16=1e9)
+    peaks.sizes.update(fp32=1536, bf16=384)
+    line = throughput.peak_summary(peaks, torch.device("cpu"), bf16_units=False)
+    assert "fp32 50 GFLOP/s at 1536×1536" in line and "bf16 1 GFLOP/s at 384×384 (emulated" in line
+    assert "emulated" not in throughput.peak_summary(peaks, torch.device("cpu"), bf16_units=True)
+    with pytest.raises(ValueError, match="fp32, bf16"):
+        throughput.refresh_peaks({}, torch.device("cpu"), ["fp16"])
+
+
 def test_reproduce_smoke_records_runs(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("HEFT_HOME", str(tmp_path / "home"))
     summary = reproduce.main([
