@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast browser worker clean
+.PHONY: install run test test-fast lint browser worker clean
 
 install: $(STAMP)
 
@@ -32,7 +32,11 @@ test: install browser
 	$(BIN)/python -m pytest -q
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow and not browser"
+	$(BIN)/python -m pytest -q -m "not slow and not browser and not ray"
+
+# ruff, configured in pyproject.toml (line length 120; pycodestyle, pyflakes, import order).
+lint: install
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

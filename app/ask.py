@@ -15,17 +15,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from app import views
+from app import present
+from heft_common.errors import AskError, HeftError
+from heft_common.vocabulary import EMBEDDED_MODEL, SYNTHETIC_DATA, RunStatus
 from storage import queries
+
+__all__ = ["AskError", "AskService", "Choice", "normalise_model", "parse_run_ids"]
 
 logger = logging.getLogger(__name__)
 
-SLOT_TITLES = {"base": "Base", "lora": "LoRA", "reft": "ReFT", "heft": "HEFT"}
 MAX_LOADED_RUNS = 12
-
-
-class AskError(ValueError):
-    """A request the Ask service cannot serve; the message says why in plain words."""
 
 
 @dataclass
@@ -47,7 +46,7 @@ class Choice:
 def normalise_model(ref: str) -> str:
     from heft_core.models import is_embedded
 
-    return "embedded" if is_embedded(ref) else ref.strip()
+    return EMBEDDED_MODEL if is_embedded(ref) else ref.strip()
 
 
 class AskService:
@@ -60,7 +59,8 @@ class AskService:
         self._examples_lock = threading.Lock()
 
     # --- choosing runs -----------------------------------------------------------------
-    def resolve(self, run_ids: Mapping[str, Any] | Sequence[Any], base_model: str | None = None) -> tuple[str, list[Choice]]:
+    def resolve(self, run_ids: Mapping[str, Any] | Sequence[Any],
+                base_model: str | None = None) -> tuple[str, list[Choice]]:
         """Check the chosen runs and find their common base model.
 
         ``run_ids`` maps slots ("lora", "reft", "heft", or any label) to run ids (None/""/0: no
@@ -77,12 +77,12 @@ class AskService:
                 continue
             try:
                 run_id = queries.validate_run_id(value)
-            except ValueError as exc:
+            except HeftError as exc:  # RunNotFound: not a run id
                 raise AskError(str(exc)) from None
             run = queries.get_run(self.engine, run_id)
             if run is None:
                 raise AskError(f"run {run_id} does not exist")
-            if run.status != "completed" or not run.artifact_dir:
+            if run.status != RunStatus.COMPLETED or not run.artifact_dir:
                 raise AskError(f"run #{run_id} is {run.status}; only completed runs can answer questions")
             if run.method == "base":
                 continue  # a zero-shot run is the base model, which always answers
@@ -90,17 +90,17 @@ class AskService:
                 continue
             seen.add(run_id)
             slot = slot or run.method
-            title = SLOT_TITLES.get(slot, slot)
+            title = present.method_title(slot)
             choices.append(Choice(slot, f"{title} · run #{run.id}", run))
         models = {normalise_model(c.run.base_model) for c in choices}
         if len(models) > 1:
-            detail = ", ".join(f"#{c.run.id} on {views.model_label(c.run.base_model)}" for c in choices)
+            detail = ", ".join(f"#{c.run.id} on {present.model_label(c.run.base_model)}" for c in choices)
             raise AskError(f"the chosen runs use different base models ({detail}); side-by-side answers need runs "
                            "trained on one base model — pick runs of the same model")
         if models:
             model_ref = choices[0].run.base_model
         else:
-            model_ref = (base_model or "embedded").strip() or "embedded"
+            model_ref = (base_model or EMBEDDED_MODEL).strip() or EMBEDDED_MODEL
         return model_ref, [Choice("base", "Base")] + choices
 
     # --- serving ---------------------------------------------------------------------------
@@ -128,15 +128,14 @@ class AskService:
                 server.loaded[run.id] = run.artifact_dir
         return server
 
-    def answer(self, passage: str, question: str, run_ids: Mapping[str, Any] | Sequence[Any], base_model: str | None = None) -> dict[str, Any]:
-        """Answers of the base model and each chosen run: {"model", "answers": [{slot, title, run_id, answer, p_yes, latency_seconds}]}.
+    def answer(self, passage: str, question: str, run_ids: Mapping[str, Any] | Sequence[Any],
+               base_model: str | None = None) -> dict[str, Any]:
+        """Answers of the base model and each chosen run.
 
-        Raises AskError for empty input, unknown or unfinished runs, or runs on different base models.
+        Returns {"model", "answers": [{slot, title, run_id, answer, p_yes, latency_seconds}]}. Raises
+        AskError for empty input, unknown or unfinished runs, runs on different base models, or a
+        model or run directory that cannot be loaded.
         """
-        from heft_core.artifacts import RunLoadError
-        from heft_core.config import ConfigError
-        from heft_core.models import ModelLoadError
-
         passage, question = (passage or "").strip(), (question or "").strip()
         if not question:
             raise AskError("enter a question (and the passage it is about)")
@@ -153,28 +152,29 @@ class AskService:
                     result = server.side_by_side.answer(name, passage, question)
                     answers.append({
                         "slot": choice.slot, "title": choice.title, "run_id": choice.run.id if choice.run else None,
-                        "subtitle": _subtitle(choice.run) if choice.run else f"zero-shot · {views.model_label(model_ref)}",
+                        "subtitle": (_subtitle(choice.run) if choice.run
+                                     else f"zero-shot · {present.model_label(model_ref)}"),
                         **result.to_dict(),
                     })
-            except (ModelLoadError, RunLoadError, ConfigError) as exc:
+            except AskError:  # SideBySide refused a run as chosen; what is loaded stays usable
+                raise
+            except HeftError as exc:  # a model or run directory that cannot be loaded: start afresh next time
                 self._server = None
-                raise AskError(str(exc)) from None
-            except ValueError as exc:  # SideBySide refuses mismatched runs with ValueError
                 raise AskError(str(exc)) from None
         return {"model": model_ref, "answers": answers}
 
     # --- examples ----------------------------------------------------------------------------
     def random_example(self, source: str, rng: random.Random | None = None) -> Any:
         """A random validation example (with its gold answer) from a data source."""
-        from heft_core.data import DataError, load_data
+        from heft_core.data import load_data  # the data loaders: only when an example is drawn
 
-        source = (source or "synthetic").strip()
+        source = (source or SYNTHETIC_DATA).strip()
         with self._examples_lock:
             examples = self._examples.get(source)
             if examples is None:
                 try:
                     examples = load_data(source).validation
-                except DataError as exc:
+                except HeftError as exc:
                     raise AskError(str(exc)) from None
                 self._examples[source] = examples
         if not examples:
@@ -189,7 +189,7 @@ class AskService:
 
 def _subtitle(run: Any) -> str:
     acc = f" · {run.accuracy * 100:.1f}% on eval" if run.accuracy is not None else ""
-    return f"{views.epochs_label(run)} ep{acc} · {views.data_label(run.data_source)}"
+    return f"{present.epochs_label(run)} ep{acc} · {present.data_label(run.data_source)}"
 
 
 def _free_memory() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import logging
 import os
 import shutil
@@ -23,15 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.child import run_results
+from app.logs import ERROR_FILE, LOG_FILE, log_tail
+from app.recording import run_results
 from heft_common.home import data_home, database_path, runs_dir
+from heft_common.vocabulary import RunStatus
+from heft_core.artifacts import read_run_record
 from storage import queries
 from storage.db import open_db
 from storage.models import Run
 
 logger = logging.getLogger("app.worker")
 
-LOG_FILE = "train.log"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -52,18 +53,6 @@ def gpu_slots() -> list[str | None]:
     return [None]
 
 
-def log_tail(path: str | Path, lines: int = 20) -> str:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 16384))
-            text = fh.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
 @dataclass
 class _Running:
     run_id: int
@@ -78,8 +67,9 @@ class _Running:
 class Worker:
     """Claims queued runs and supervises their child processes."""
 
-    def __init__(self, db_path: str | Path | None = None, *, slots: list[str | None] | None = None, poll_seconds: float = 1.0,
-                 heartbeat_seconds: float = 5.0, cancel_grace_seconds: float = 30.0, stale_after_seconds: float = 60.0):
+    def __init__(self, db_path: str | Path | None = None, *, slots: list[str | None] | None = None,
+                 poll_seconds: float = 1.0, heartbeat_seconds: float = 5.0, cancel_grace_seconds: float = 30.0,
+                 stale_after_seconds: float = 60.0):
         self.db_path = str(db_path or database_path())
         self.engine = open_db(self.db_path)
         self.slots = slots if slots is not None else gpu_slots()
@@ -145,8 +135,10 @@ class Worker:
         env = dict(os.environ, PYTHONUNBUFFERED="1", HEFT_HOME=str(data_home()))
         if slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot
-        command = [sys.executable, "-m", "app.child", str(run.id), "--db", self.db_path, "--parent-pid", str(os.getpid())]
-        process = subprocess.Popen(command, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(ROOT), env=env)
+        command = [sys.executable, "-m", "app.child", str(run.id), "--db", self.db_path,
+                   "--parent-pid", str(os.getpid())]
+        process = subprocess.Popen(command, stdout=log_handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   cwd=str(ROOT), env=env)
         queries.set_child_pid(self.engine, run.id, process.pid)
         self.running[run.id] = _Running(run.id, process, slot, log_path, run_dir, log_handle=log_handle)
         logger.info("run %d started in process %d (slot %s)", run.id, process.pid, slot)
@@ -166,30 +158,34 @@ class Worker:
         if child.cancel_seen_at is None:
             child.cancel_seen_at = time.monotonic()  # the child stops itself at its next step
         elif time.monotonic() - child.cancel_seen_at > self.cancel_grace_seconds:
-            logger.warning("run %d did not stop within %.0f s of cancel; killing it", child.run_id, self.cancel_grace_seconds)
+            logger.warning("run %d did not stop within %.0f s of cancel; killing it", child.run_id,
+                           self.cancel_grace_seconds)
             child.process.kill()
 
     def _finish(self, child: _Running, code: int) -> None:
         cancel_requested = queries.is_cancel_requested(self.engine, child.run_id)
-        run_file = child.run_dir / "run.json"
-        if code == 0 and run_file.exists():
-            meta = json.loads(run_file.read_text())
-            result = meta.get("result", {})
-            status = "cancelled" if result.get("status") == "cancelled" else "completed"
-            queries.finish_run(self.engine, child.run_id, status, results=run_results(result, child.run_dir, meta.get("eval_signature")))
+        record = read_run_record(child.run_dir) if code == 0 else None
+        if record is not None:
+            result = record.get("result", {})
+            status = RunStatus.CANCELLED if result.get("status") == RunStatus.CANCELLED else RunStatus.COMPLETED
+            results = run_results(result, child.run_dir, record.get("eval_signature"))
+            queries.finish_run(self.engine, child.run_id, status, results=results)
             return
         if cancel_requested:
-            queries.finish_run(self.engine, child.run_id, "cancelled", error="cancelled; the process was stopped before it finished")
+            queries.finish_run(self.engine, child.run_id, RunStatus.CANCELLED,
+                               error="cancelled; the process was stopped before it finished")
             return
-        error_file = child.run_dir / "error.txt"
+        error_file = child.run_dir / ERROR_FILE
         if error_file.exists():
             reason = error_file.read_text().strip()
         elif code < 0:
-            reason = f"training process was killed by signal {-code} ({signal.Signals(-code).name})" + (" — out of memory?" if -code == signal.SIGKILL else "")
+            reason = f"training process was killed by signal {-code} ({signal.Signals(-code).name})"
+            reason += " — out of memory?" if -code == signal.SIGKILL else ""
         else:
             reason = f"training process exited with status {code}"
         tail = log_tail(child.log_path)
-        queries.finish_run(self.engine, child.run_id, "failed", error=f"{reason}\n\nLast log lines:\n{tail}" if tail else reason)
+        error = f"{reason}\n\nLast log lines:\n{tail}" if tail else reason
+        queries.finish_run(self.engine, child.run_id, RunStatus.FAILED, error=error)
 
     def shutdown(self, grace_seconds: float = 10.0) -> None:
         """Stop children (they end at the next step) and mark their runs interrupted."""
@@ -203,7 +199,8 @@ class Worker:
             except subprocess.TimeoutExpired:
                 child.process.kill()
             child.log_handle.close()
-            queries.finish_run(self.engine, child.run_id, "interrupted", error="the worker shut down while this run was training; re-queue it to run again")
+            queries.finish_run(self.engine, child.run_id, RunStatus.INTERRUPTED,
+                               error="the worker shut down while this run was training; re-queue it to run again")
         self.running.clear()
 
 
@@ -240,7 +237,8 @@ def start_background_worker() -> Worker | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="HEFT Studio worker: trains queued runs from the database in the data home (HEFT_HOME).")
+    parser = argparse.ArgumentParser(
+        description="HEFT Studio worker: trains queued runs from the database in the data home (HEFT_HOME).")
     parser.add_argument("--db", help="database file (default: HEFT_HOME/heft.db)")
     parser.add_argument("--poll-seconds", type=float, default=1.0)
     parser.add_argument("--cancel-grace-seconds", type=float, default=30.0)

@@ -17,7 +17,7 @@ come from bench/throughput.py's machinery: sides alternate in chunks, ratios are
 paired rounds. The Markdown report is rewritten after every section to ``$OUT/gpu_check.md``
 (if ``$OUT`` is set) or bench/results/gpu_check-<date>.md, and printed at the end.
 
-Test the code paths anywhere with ``python bench/gpu_check.py --device cpu --tiny``.
+Test the code paths anywhere with ``python -m bench.gpu_check --device cpu --tiny`` (from the repository root).
 """
 from __future__ import annotations
 
@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 logger = logging.getLogger("bench.gpu_check")
 
@@ -135,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     reft_configs = args.reft_configs or ("1,2:l1;all:f2+l2" if args.tiny else "8,16,24:l1;all:f7+l7")
     report = Report(path, [
         f"# HEFT Studio GPU check — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}", "",
-        f"Command: `python bench/gpu_check.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+        f"Command: `python -m bench.gpu_check {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
     ])
 
     # --- 1. environment --------------------------------------------------------------------

@@ -36,7 +36,7 @@ except Exception:
 PYEOF
 
 # SIGINT before the tool's limit: Python unwinds, the report keeps every finished section.
-timeout --signal=INT --kill-after=20 "${GPU_CHECK_TIMEOUT:-500}" "$PY" bench/gpu_check.py "$@"
+timeout --signal=INT --kill-after=20 "${GPU_CHECK_TIMEOUT:-500}" "$PY" -m bench.gpu_check "$@"
 status=$?
-echo "== gpu_check.py exit status $status"
+echo "== bench.gpu_check exit status $status"
 exit $status

@@ -20,12 +20,12 @@ completed run with its step metrics and evaluations, so it shows up in the UI) u
 CPU scale (the defaults; embedded SmolLM2-135M, shared BoolQ sample, 48 train / 96 eval rows,
 E=3, HEFT 1+2 and 2+1, long baselines 21 epochs: 54 training epochs and 55 evaluations in all;
 about 25-30 min on 2 idle cores by the step times in bench/results, 2-3x that on a shared CPU):
-    python bench/reproduce.py
+    python -m bench.reproduce
 GPU scale (any hub model, full BoolQ), e.g.:
-    python bench/reproduce.py --model meta-llama/Llama-2-7b-hf --data hub --train-size all \\
+    python -m bench.reproduce --model meta-llama/Llama-2-7b-hf --data hub --train-size all \\
         --eval-size all --epochs 3 --seeds 42,43,44 --batch-size 16 --max-length 512 --precision bf16
 Smoke run:
-    python bench/reproduce.py --train-size 32 --eval-size 32 --epochs 1 --heft-splits 1+1 --max-length 128 --no-long --no-db
+    python -m bench.reproduce --train-size 32 --eval-size 32 --epochs 1 --heft-splits 1+1 --max-length 128 --no-long --no-db
 """
 from __future__ import annotations
 
@@ -44,15 +44,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from app.recording import DatabaseCallback, run_results
+from heft_core.data import local_boolq_dir
 
-from app.child import DatabaseCallback, run_results  # noqa: E402  (after the path setup)
+ROOT = Path(__file__).resolve().parent.parent
 
 logger = logging.getLogger("bench.reproduce")
 
-DEFAULT_BOOLQ = ROOT.parent / "shared" / "data" / "boolq"
 PAPER_LONG_FACTOR = 20 / 3
 
 
@@ -405,7 +403,11 @@ def size_arg(text: str) -> int | None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="embedded", help="'embedded', a local model directory or a hub id")
-    parser.add_argument("--data", default=None, help=f"data source (default: {DEFAULT_BOOLQ} if present, else 'synthetic'); 'hub' for google/boolq")
+    parser.add_argument(
+        "--data", default=None,
+        help="data source (default: the local BoolQ directory, $HEFT_BOOLQ_DIR or ../shared/data/boolq, if present, "
+        "else 'synthetic'); 'hub' for google/boolq",
+    )
     parser.add_argument("--train-size", type=size_arg, default=48, help="training rows ('all' for every row)")
     parser.add_argument("--eval-size", type=size_arg, default=96, help="evaluation rows ('all' for every row)")
     parser.add_argument("--subset-seed", type=int, default=None, help="seed of the fixed train/eval subsets (default: the first seed)")
@@ -439,7 +441,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.data is None:
-        args.data = str(DEFAULT_BOOLQ) if DEFAULT_BOOLQ.is_dir() else "synthetic"
+        boolq = local_boolq_dir()
+        args.data = str(boolq) if boolq else "synthetic"
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not args.seed_list:
         parser.error("--seeds: give at least one seed")
@@ -486,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         plot(outcomes, chart, title, always_yes=sum(e.answer for e in data.validation) / max(1, len(data.validation)))
     except Exception as exc:  # a chart problem must not lose the results
         logger.warning("chart failed: %r", exc)
-    command = " ".join(shlex.quote(a) for a in ["python", "bench/reproduce.py", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(shlex.quote(a) for a in ["python", "-m", "bench.reproduce", *(argv if argv is not None else sys.argv[1:])])
     lines = [
         f"# HEFT reproduction — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} ({device_kind})", "",
         f"Command: `{command}`", "",

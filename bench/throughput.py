@@ -35,7 +35,7 @@ Pairs
   plain square matmul measured in the same run, at sizes chosen by time (:func:`timed_matmul_peak`),
   for the dtypes the selected sides use only (no bf16 peak with ``--no-bf16``).
 
-Run ``python bench/throughput.py --help``; ``--quick`` gives a smoke run in a minute or two.
+Run ``python -m bench.throughput --help`` from the repository root; ``--quick`` gives a smoke run in a minute or two.
 """
 from __future__ import annotations
 
@@ -63,16 +63,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+from heft_core.data import local_boolq_dir
+
+ROOT = Path(__file__).resolve().parent.parent
 
 logger = logging.getLogger("bench.throughput")
 
-DEFAULT_BOOLQ = ROOT.parent / "shared" / "data" / "boolq"
 IGNORE_INDEX = -100
 MAX_GRAD_NORM = 1.0
 
@@ -1260,7 +1259,11 @@ def _memory_summary(memory: dict[str, list[dict[str, float]]] | None, name: str)
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="embedded", help="'embedded', a local model directory or a hub id")
-    parser.add_argument("--data", default=None, help=f"data source (default: {DEFAULT_BOOLQ} if present, else 'synthetic')")
+    parser.add_argument(
+        "--data", default=None,
+        help="data source (default: the local BoolQ directory, $HEFT_BOOLQ_DIR or ../shared/data/boolq, if present, "
+        "else 'synthetic')",
+    )
     parser.add_argument("--steps", type=int, default=1, help="timed optimizer steps per side per round (small = fine alternation, robust to other load)")
     parser.add_argument("--repeats", type=int, default=8, help="rounds of alternation")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side before the first round")
@@ -1297,7 +1300,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.memory_steps = 1
         args.eval_repeats = min(args.eval_repeats, 2)
     if args.data is None:
-        args.data = str(DEFAULT_BOOLQ) if DEFAULT_BOOLQ.is_dir() else "synthetic"
+        boolq = local_boolq_dir()
+        args.data = str(boolq) if boolq else "synthetic"
     return args
 
 
@@ -1497,7 +1501,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     header = [
         f"# HEFT Studio throughput benchmark (CPU) — {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}",
         "",
-        f"Command: `{' '.join(shlex.quote(a) for a in [sys.executable.rsplit('/', 1)[-1], 'bench/throughput.py', *(argv if argv is not None else sys.argv[1:])])}`",
+        f"Command: `{' '.join(shlex.quote(a) for a in [sys.executable.rsplit('/', 1)[-1], '-m', 'bench.throughput', *(argv if argv is not None else sys.argv[1:])])}`",
         "",
         "## Machine",
         "",

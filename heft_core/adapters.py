@@ -9,10 +9,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
+from heft_common.errors import RunLoadError
 from heft_core.batching import Batch, intervention_positions
 from heft_core.config import LoraSettings, ReftSettings
 from heft_core.models import decoder_layers_path
@@ -23,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def build_lora_model(model: Any, settings: LoraSettings, num_layers: int, adapter_name: str = "default") -> Any:
     """Wrap ``model`` with a trainable peft LoRA adapter."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # heavy: deferred
 
     target = "all-linear" if settings.target_modules == ["all-linear"] else list(settings.target_modules)
     config = LoraConfig(
@@ -80,9 +82,10 @@ class ReftAnswerModel(AnswerModel):
 
     def __init__(
         self, host: torch.nn.Module, settings: ReftSettings, num_layers: int, hidden_size: int,
-        state: dict[str, torch.Tensor] | None = None, prefix_cache: PrefixStateCache | None = None, reuse_prefix: bool = True,
+        state: dict[str, torch.Tensor] | None = None, prefix_cache: PrefixStateCache | None = None,
+        reuse_prefix: bool = True,
     ):
-        import pyreft
+        import pyreft  # heavy: deferred
 
         self.settings = settings
         # Off only to measure what reusing the prefix gains (bench/throughput.py); results are equal.
@@ -108,7 +111,9 @@ class ReftAnswerModel(AnswerModel):
                     "low_rank_dimension": settings.rank,
                     "intervention": intervention,
                 })
-        self.module = pyreft.get_reft_model(host, pyreft.ReftConfig(representations=representations), set_device=False, disable_model_grads=True)
+        self.module = pyreft.get_reft_model(
+            host, pyreft.ReftConfig(representations=representations), set_device=False, disable_model_grads=True
+        )
         self.interventions: list[torch.nn.Module] = list(self.module.interventions.values())
         for intervention in self.interventions:
             intervention.to(device)
@@ -118,12 +123,25 @@ class ReftAnswerModel(AnswerModel):
 
     def answer_logits(self, batch: Batch) -> torch.Tensor:
         groups = intervention_positions(batch, self.first, self.last, self.settings.share_weights)
-        inputs = _model_inputs(batch)
         cut = self._prefix_end(batch, groups)
+        # Tokens before ``cut`` are untouched by any intervention: take their keys and values
+        # from the frozen host (see heft_core.prefix_cache) and run only the rest.
+        cache = self.prefix_cache.host_cache(self.module.model, batch, cut) if cut else None
+        return self._logits(batch, groups, cache, cut)
+
+    def prefix_end(self, batch: Batch) -> int:
+        """First column any intervention touches in ``batch``; 0 when there is no prefix to reuse."""
+        return self._prefix_end(batch, intervention_positions(batch, self.first, self.last, self.settings.share_weights))
+
+    def logits_after_prefix(self, batch: Batch, cache: Any, cut: int) -> torch.Tensor:
+        """Answer logits when ``cache`` already holds the host's keys and values of columns ``[:cut]``
+        (``cut`` from :meth:`prefix_end`), e.g. from a prompt pass another variant made on the same host."""
+        groups = intervention_positions(batch, self.first, self.last, self.settings.share_weights)
+        return self._logits(batch, groups, cache, cut)
+
+    def _logits(self, batch: Batch, groups: list[list[list[int]]], cache: Any, cut: int) -> torch.Tensor:
+        inputs = _model_inputs(batch)
         if cut:
-            # Tokens before ``cut`` are untouched by any intervention: take their keys and values
-            # from the frozen host (see heft_core.prefix_cache) and run only the rest.
-            cache = self.prefix_cache.host_cache(self.module.model, batch, cut)
             inputs = {
                 "input_ids": batch.input_ids[:, cut:], "attention_mask": batch.attention_mask,
                 "position_ids": batch.position_ids[:, cut:], "cache": cache, "logits_to_keep": 1,
@@ -165,7 +183,9 @@ class ReftAnswerModel(AnswerModel):
             prefix = f"{index}."
             own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             if not own:
-                raise ValueError(f"saved ReFT state has no intervention {index}; it was saved with other layers or positions")
+                raise RunLoadError(
+                    f"saved ReFT state has no intervention {index}; it was saved with other layers or positions"
+                )
             torch.nn.Module.load_state_dict(intervention, own, strict=True)
 
 

@@ -10,7 +10,9 @@ Layout of a run directory::
     predictions.jsonl   uid, gold label, P(yes), prediction, correct
 
 Files are staged in a hidden directory and moved into place; ``run.json`` goes last, so a
-directory without it (a crash mid-write) never loads.
+directory without it (a crash mid-write) never loads. ``RunResult`` (what a run produced) lives here
+because a run directory is its stored form; ``heft_core.train`` returns one. Importing this module
+does not import torch: ``safetensors.torch`` is imported only when a ReFT state is written (heavy: deferred).
 """
 from __future__ import annotations
 
@@ -18,29 +20,29 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from heft_common.errors import RunLoadError
+from heft_core import __version__
+from heft_core.callbacks import EvalEvent, StepEvent
 from heft_core.config import RunConfig
+from heft_core.stats import AccuracyResult
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only (adapters and evaluate import torch)
     from heft_core.adapters import ReftAnswerModel
-    from heft_core.train import Prepared, RunResult
+    from heft_core.data import DatasetSplits
+    from heft_core.evaluate import Prediction
+    from heft_core.models import ModelInfo
 
 RUN_FILE = "run.json"
 FORMAT_VERSION = 1
 _LIBRARIES = ("torch", "transformers", "peft", "pyreft", "pyvene", "accelerate", "datasets")
 
 
-class RunLoadError(RuntimeError):
-    pass
-
-
 def library_versions() -> dict[str, str]:
-    from heft_core import __version__
-
     versions = {"heft_core": __version__}
     for name in _LIBRARIES:
         try:
@@ -50,13 +52,46 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+@dataclass
+class RunResult:
+    """What a run produced: final accuracy, per-question predictions, steps, evaluations, speed."""
+
+    run_dir: str
+    status: str  # "completed" or "cancelled"
+    accuracy: AccuracyResult | None
+    predictions: list[Prediction]
+    train_seconds: float
+    tokens_per_second: float
+    trainable_params: dict[str, int]
+    steps: list[StepEvent] = field(default_factory=list)
+    evals: list[EvalEvent] = field(default_factory=list)
+    lora_unchanged_by_stage2: bool | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The one-line JSON the CLI prints."""
+        acc = self.accuracy
+        return {
+            "status": self.status,
+            "accuracy": acc.accuracy if acc else None,
+            "accuracy_ci": [acc.low, acc.high] if acc else None,
+            "eval_n": acc.n if acc else 0,
+            "train_seconds": round(self.train_seconds, 3),
+            "tokens_per_second": round(self.tokens_per_second, 2),
+            "trainable_params": sum(self.trainable_params.values()),
+            "trainable_params_by_stage": self.trainable_params,
+            "run_dir": self.run_dir,
+        }
+
+
 def _write_json(path: Path, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True))
 
 
-def save_run(output_dir: str | Path, prepared: "Prepared", result: "RunResult", *, lora_model: Any = None, reft_model: "ReftAnswerModel | None" = None) -> Path:
-    from safetensors.torch import save_file
-
+def save_run(
+    output_dir: str | Path, config: RunConfig, result: RunResult, *, data: DatasetSplits, eval_signature: str,
+    model_info: ModelInfo, lora_model: Any = None, reft_model: ReftAnswerModel | None = None,
+) -> Path:
+    """Write the run directory atomically (``run.json`` last) and return its path."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / RUN_FILE).unlink(missing_ok=True)  # the directory is not loadable while rewritten
@@ -72,6 +107,8 @@ def save_run(output_dir: str | Path, prepared: "Prepared", result: "RunResult", 
             lora_model.save_pretrained(staging / "lora")
             files.append("lora")
         if reft_model is not None:
+            from safetensors.torch import save_file  # heavy: deferred (imports torch)
+
             save_file(reft_model.intervention_state(), str(staging / "reft.safetensors"))
             files.append("reft.safetensors")
         for name in files:
@@ -82,11 +119,11 @@ def save_run(output_dir: str | Path, prepared: "Prepared", result: "RunResult", 
         summary = result.summary()
         meta = {
             "format": FORMAT_VERSION,
-            "config": prepared.config.to_dict(),
+            "config": config.to_dict(),
             "versions": library_versions(),
-            "data": {"source": prepared.data.source, "label": prepared.data.label, "is_synthetic": prepared.data.is_synthetic},
-            "eval_signature": prepared.eval_signature,
-            "model_info": {"num_layers": prepared.info.num_layers, "hidden_size": prepared.info.hidden_size},
+            "data": {"source": data.source, "label": data.label, "is_synthetic": data.is_synthetic},
+            "eval_signature": eval_signature,
+            "model_info": {"num_layers": model_info.num_layers, "hidden_size": model_info.hidden_size},
             "result": {k: v for k, v in summary.items() if k != "run_dir"},
             "lora_unchanged_by_stage2": result.lora_unchanged_by_stage2,
             "files": files,
@@ -131,11 +168,28 @@ def load_run(path: str | Path) -> RunArtifacts:
     path = Path(path)
     run_file = path / RUN_FILE
     if not run_file.exists():
-        raise RunLoadError(f"{path} is not a finished run directory (no {RUN_FILE}; the run may still be writing or it crashed)")
-    meta = json.loads(run_file.read_text())
+        raise RunLoadError(
+            f"{path} is not a finished run directory (no {RUN_FILE}; the run may still be writing or it crashed)"
+        )
+    try:
+        meta = json.loads(run_file.read_text())
+    except json.JSONDecodeError as error:
+        raise RunLoadError(f"{path}: {RUN_FILE} is not valid JSON ({error.msg}); the directory is damaged") from error
     if meta.get("format") != FORMAT_VERSION:
         raise RunLoadError(f"{path}: run format {meta.get('format')} is not supported (expected {FORMAT_VERSION})")
     missing = [name for name in meta.get("files", []) if not (path / name).exists()]
     if missing:
         raise RunLoadError(f"{path}: files missing from the run directory: {', '.join(missing)}")
     return RunArtifacts(path, meta)
+
+
+def read_run_record(run_dir: str | Path) -> dict[str, Any] | None:
+    """``run.json`` of a run directory as written (config, eval signature, result), or None if absent.
+
+    For supervisors that only need the recorded outcome (the app's worker): no format or file
+    checks, nothing loaded but the JSON.
+    """
+    run_file = Path(run_dir) / RUN_FILE
+    if not run_file.exists():
+        return None
+    return json.loads(run_file.read_text())

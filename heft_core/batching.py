@@ -28,7 +28,10 @@ class Batch:
         return int(sum(self.lengths))
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(self.uids, self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device), self.labels.to(device), self.lengths)
+        return Batch(
+            self.uids, self.input_ids.to(device), self.attention_mask.to(device), self.position_ids.to(device),
+            self.labels.to(device), self.lengths,
+        )
 
 
 def collate(examples: Sequence[EncodedExample], pad_id: int) -> Batch:
@@ -46,7 +49,9 @@ def collate(examples: Sequence[EncodedExample], pad_id: int) -> Batch:
     return Batch([e.uid for e in examples], ids, mask, positions, labels, [len(e.input_ids) for e in examples])
 
 
-def length_grouped_batches(examples: Sequence[EncodedExample], batch_size: int, rng: random.Random, mega_factor: int = 16) -> list[list[EncodedExample]]:
+def length_grouped_batches(
+    examples: Sequence[EncodedExample], batch_size: int, rng: random.Random, mega_factor: int = 16,
+) -> list[list[EncodedExample]]:
     """Shuffle, sort by length inside mega-batches, cut into batches, shuffle batch order.
 
     Keeps padding small while every epoch still sees a different, seed-determined order.
@@ -80,10 +85,8 @@ def intervention_positions(batch: Batch, first: int, last: int, share_weights: b
     firsts, lasts = [], []
     for length in batch.lengths:
         pad = width - length
-        f = [pad + min(i, length - 1) for i in range(first)]
-        l = [pad + max(length - last + i, 0) for i in range(last)]
-        firsts.append(f)
-        lasts.append(l)
+        firsts.append([pad + min(i, length - 1) for i in range(first)])
+        lasts.append([pad + max(length - last + i, 0) for i in range(last)])
     if first and last and not share_weights:
         return [firsts, lasts]
-    return [[f + l for f, l in zip(firsts, lasts)]]
+    return [[head + tail for head, tail in zip(firsts, lasts)]]

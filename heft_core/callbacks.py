@@ -38,6 +38,44 @@ class EvalEvent:
         return asdict(self)
 
 
+# Phases a run reports through ``on_phase(name, done, total)``, in order. The first word of a
+# name says what kind of work it is; training and evaluation names add the stage (and epoch).
+PREPARING = "preparing data"  # checks, data, tokenising: 0 of 1
+CONVERTING = "converting the embedded model (once)"  # the GGUF -> safetensors cache: 0 of 1
+LOADING = "loading the model"  # weights into memory: 0 of 1
+SAVING = "saving the run"  # writing the run directory: 0 of 1
+
+
+def training_phase(stage: str) -> str:
+    """Phase name of a training stage; done/total count its optimizer steps."""
+    return f"training {stage}"
+
+
+def evaluating_phase(stage: str, epoch: int) -> str:
+    """Phase name of an evaluation; done/total count questions scored."""
+    return f"evaluating {stage} epoch {epoch}"
+
+
+def phase_kind(name: str) -> str:
+    """"evaluating lora epoch 1" -> "evaluating": what a phase's time is counted as."""
+    return name.split(" ", 1)[0]
+
+
+@dataclass
+class ResumeEvent:
+    """A run continues from a checkpoint (or, when none is usable, starts over from step 0)."""
+
+    from_step: int  # steps kept; the run continues with step from_step + 1 (0: from the start)
+    stage: str | None  # the stage the checkpoint was in ("lora" or "reft"); None when starting over
+    epoch: float  # fractional epoch reached within that stage
+    cumulative_epoch: int  # epochs finished over all stages; evaluations after it are redone
+    saved_seconds: float  # training time the checkpoint kept (not repeated)
+    message: str  # one line for the log: what was loaded, or why nothing was
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class TrainerCallback:
     """Override what you need; every hook is a no-op by default."""
 
@@ -48,6 +86,16 @@ class TrainerCallback:
     def on_evaluate(self, event: EvalEvent) -> None: ...
 
     def on_log(self, message: str) -> None: ...
+
+    def on_phase(self, name: str, done: int, total: int) -> None:
+        """The run entered phase ``name`` or moved on in it: ``done`` of ``total`` (steps, questions; else 0 of 1)."""
+
+    def on_resume(self, event: ResumeEvent) -> None:
+        """Called once, before the first step, when ``train(resume=True)`` continues an earlier attempt.
+
+        Steps after ``event.from_step`` and evaluations after ``event.cumulative_epoch`` that an earlier
+        attempt reported will be reported again: replace them.
+        """
 
     def should_stop(self) -> bool:
         """Polled once per optimizer step; True ends the run at that step boundary."""
@@ -73,6 +121,14 @@ class CallbackList(TrainerCallback):
     def on_log(self, message: str) -> None:
         for cb in self.callbacks:
             cb.on_log(message)
+
+    def on_phase(self, name: str, done: int, total: int) -> None:
+        for cb in self.callbacks:
+            cb.on_phase(name, done, total)
+
+    def on_resume(self, event: ResumeEvent) -> None:
+        for cb in self.callbacks:
+            cb.on_resume(event)
 
     def should_stop(self) -> bool:
         return any(cb.should_stop() for cb in self.callbacks)

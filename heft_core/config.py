@@ -9,29 +9,39 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from heft_common.errors import ConfigError
+from heft_common.vocabulary import EMBEDDED_MODEL, METHODS, SYNTHETIC_DATA
 from heft_core.prompt import PromptTemplate
 
-METHODS = ("base", "lora", "reft", "heft")  # "base": zero-shot, no training
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 STAGE2_MODES = ("adapter", "merged")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
-EMBEDDED_MODEL = "embedded"
-SYNTHETIC_DATA = "synthetic"
+MAX_PROCESSES = 64  # data-parallel processes of one run, on one machine
 
 _POSITIONS_RE = re.compile(r"^(?:f(\d+))?(?:\+)?(?:l(\d+))?$")
 
 
-class ConfigError(ValueError):
-    """A configuration value outside its allowed range. The message names the option."""
+def _number(value: Any) -> float:
+    """``value`` as a float, or NaN when it is not a finite number, so that every range check fails on it.
 
-    def __init__(self, option: str, message: str):
-        self.option = option
-        super().__init__(f"{option}: {message}")
+    Only ints and floats count: a bool, a numeric string ("1e-3") or infinity would pass a range
+    check through float() and then fail in the training process, after the run was queued.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return math.nan
+    return float(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # True is not 1 epoch
 
 
 def _require(condition: bool, option: str, message: str) -> None:
@@ -39,8 +49,27 @@ def _require(condition: bool, option: str, message: str) -> None:
         raise ConfigError(option, message)
 
 
+def _require_int(value: Any, option: str, low: int, high: int) -> None:
+    in_range = _is_int(value) and low <= value <= high
+    _require(in_range, option, f"must be an integer in {low}..{high}, got {value!r}")
+
+
+def _require_bool(value: Any, option: str) -> None:
+    _require(isinstance(value, bool), option, f"must be true or false, got {value!r}")
+
+
+def _require_str(value: Any, option: str) -> None:
+    _require(isinstance(value, str), option, f"must be text, got {value!r}")
+
+
+def _require_choice(value: Any, option: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, option, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
 def parse_positions(text: str) -> tuple[int, int]:
     """Parse pyreft's position syntax: ``f7+l7`` -> (7, 7), ``l1`` -> (0, 1), ``f3`` -> (3, 0)."""
+    if text is not None and not isinstance(text, str):
+        raise ConfigError("reft.positions", f"must be a position string such as 'f7+l7' or 'l1', got {text!r}")
     cleaned = (text or "").strip().lower()
     match = _POSITIONS_RE.match(cleaned)
     if not cleaned or not match or (match.group(1) is None and match.group(2) is None):
@@ -59,8 +88,8 @@ def parse_positions(text: str) -> tuple[int, int]:
     return first, last
 
 
-def parse_layers(value: str | list[int] | tuple[int, ...] | None) -> list[int] | str:
-    """Parse a layer selection: ``"all"``, a list of ints, or text like ``"0,2,4-7"``."""
+def parse_layers(value: str | list[int] | tuple[int, ...] | None, option: str = "reft.layers") -> list[int] | str:
+    """Parse a layer selection: ``"all"``, a list of ints, or text like ``"0,2,4-7"`` (errors name ``option``)."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "all")):
         return "all"
     if isinstance(value, str):
@@ -71,19 +100,18 @@ def parse_layers(value: str | list[int] | tuple[int, ...] | None) -> list[int] |
             if re.fullmatch(r"\d+-\d+", part):
                 lo, hi = (int(x) for x in part.split("-"))
                 if lo > hi:
-                    raise ConfigError("reft.layers", f"range {part!r} runs backwards")
+                    raise ConfigError(option, f"range {part!r} runs backwards")
                 layers.extend(range(lo, hi + 1))
             elif re.fullmatch(r"\d+", part):
                 layers.append(int(part))
             else:
-                raise ConfigError("reft.layers", f"{part!r} is not a layer index; write e.g. '0,2,4-7' or 'all'")
+                raise ConfigError(option, f"{part!r} is not a layer index; write e.g. '0,2,4-7' or 'all'")
         value = layers
-    try:
-        layers = sorted({int(v) for v in value})
-    except (TypeError, ValueError) as exc:
-        raise ConfigError("reft.layers", f"{value!r} is not a list of layer indices") from exc
+    if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
+        raise ConfigError(option, f"{value!r} is not a list of layer indices (whole numbers)")
+    layers = sorted(set(value))
     if not layers:
-        raise ConfigError("reft.layers", "choose at least one layer (or 'all')")
+        raise ConfigError(option, "choose at least one layer (or 'all')")
     return layers
 
 
@@ -100,13 +128,23 @@ class LoraSettings:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        modules = self.target_modules
+        _require(
+            isinstance(modules, (list, tuple)) and all(isinstance(name, str) and name for name in modules),
+            "lora.target_modules", f"must be a list of module names (or 'all-linear'), got {modules!r}",
+        )
         self.target_modules = list(self.target_modules)
         if isinstance(self.layers, str):
-            parsed = parse_layers(self.layers)
+            parsed = parse_layers(self.layers, "lora.layers")
             self.layers = None if parsed == "all" else parsed
-        _require(isinstance(self.rank, int) and 1 <= self.rank <= 1024, "lora.rank", f"must be an integer in 1..1024, got {self.rank!r}")
-        _require(0 < float(self.alpha) <= 4096, "lora.alpha", f"must be in (0, 4096], got {self.alpha!r}")
-        _require(0.0 <= float(self.dropout) < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout!r}")
+        elif self.layers is not None:
+            _require(
+                isinstance(self.layers, (list, tuple)) and all(_is_int(v) for v in self.layers), "lora.layers",
+                f"must be a list of layer indices (whole numbers) or empty for every layer, got {self.layers!r}",
+            )
+        _require_int(self.rank, "lora.rank", 1, 1024)
+        _require(0 < _number(self.alpha) <= 4096, "lora.alpha", f"must be in (0, 4096], got {self.alpha!r}")
+        _require(0.0 <= _number(self.dropout) < 1.0, "lora.dropout", f"must be in [0, 1), got {self.dropout!r}")
         _require(bool(self.target_modules), "lora.target_modules", "choose at least one module (or 'all-linear')")
 
 
@@ -122,9 +160,10 @@ class ReftSettings:
 
     def __post_init__(self) -> None:
         self.layers = parse_layers(self.layers)
-        _require(isinstance(self.rank, int) and 1 <= self.rank <= 512, "reft.rank", f"must be an integer in 1..512, got {self.rank!r}")
-        _require(0.0 <= float(self.dropout) < 1.0, "reft.dropout", f"must be in [0, 1), got {self.dropout!r}")
+        _require_int(self.rank, "reft.rank", 1, 512)
+        _require(0.0 <= _number(self.dropout) < 1.0, "reft.dropout", f"must be in [0, 1), got {self.dropout!r}")
         parse_positions(self.positions)
+        _require_bool(self.share_weights, "reft.share_weights")
 
     @property
     def first_last(self) -> tuple[int, int]:
@@ -159,14 +198,26 @@ class StageSettings:
 
     def validate(self, prefix: str, allow_zero_epochs: bool = False) -> None:
         low = 0 if allow_zero_epochs else 1
-        _require(isinstance(self.epochs, int) and low <= self.epochs <= 1000, f"{prefix}.epochs", f"must be an integer in {low}..1000, got {self.epochs!r}")
-        _require(0 < float(self.learning_rate) <= 1.0, f"{prefix}.learning_rate", f"must be in (0, 1], got {self.learning_rate!r}")
-        _require(isinstance(self.batch_size, int) and 1 <= self.batch_size <= 4096, f"{prefix}.batch_size", f"must be an integer in 1..4096, got {self.batch_size!r}")
-        _require(isinstance(self.grad_accum, int) and 1 <= self.grad_accum <= 1024, f"{prefix}.grad_accum", f"must be an integer in 1..1024, got {self.grad_accum!r}")
-        _require(0.0 <= float(self.warmup_ratio) < 1.0, f"{prefix}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio!r}")
-        _require(0.0 <= float(self.weight_decay) <= 1.0, f"{prefix}.weight_decay", f"must be in [0, 1], got {self.weight_decay!r}")
-        _require(self.scheduler in SCHEDULERS, f"{prefix}.scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        _require(float(self.max_grad_norm) >= 0, f"{prefix}.max_grad_norm", f"must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}")
+        _require_int(self.epochs, f"{prefix}.epochs", low, 1000)
+        _require(
+            0 < _number(self.learning_rate) <= 1.0, f"{prefix}.learning_rate",
+            f"must be in (0, 1], got {self.learning_rate!r}",
+        )
+        _require_int(self.batch_size, f"{prefix}.batch_size", 1, 4096)
+        _require_int(self.grad_accum, f"{prefix}.grad_accum", 1, 1024)
+        _require(
+            0.0 <= _number(self.warmup_ratio) < 1.0, f"{prefix}.warmup_ratio",
+            f"must be in [0, 1), got {self.warmup_ratio!r}",
+        )
+        _require(
+            0.0 <= _number(self.weight_decay) <= 1.0, f"{prefix}.weight_decay",
+            f"must be in [0, 1], got {self.weight_decay!r}",
+        )
+        _require_choice(self.scheduler, f"{prefix}.scheduler", SCHEDULERS)
+        _require(
+            _number(self.max_grad_norm) >= 0, f"{prefix}.max_grad_norm",
+            f"must be >= 0 (0 turns clipping off), got {self.max_grad_norm!r}",
+        )
 
 
 def _default_lora_stage() -> StageSettings:
@@ -200,29 +251,67 @@ class RunConfig:
     # MiB for ReFT prefix states kept across epochs (heft_core.prefix_cache); 0 recomputes them in
     # every step; "auto" takes a quarter of the memory available where they live when the stage starts.
     prefix_cache_mb: int | str = "auto"
+    # Data-parallel processes for this one run (accelerate launch), given as many GPUs on one machine.
+    # batch_size is per process: the global batch is processes x batch_size x grad_accum.
+    processes: int = 1
+    # Minutes of training between checkpoints inside an epoch (taken at an optimizer-step boundary);
+    # 0: only at epoch ends. A checkpoint is always written at every epoch end (heft_core.checkpoint).
+    checkpoint_minutes: float = 10.0
+    keep_epoch_checkpoints: bool = False  # keep every epoch's checkpoint, not only the latest
     name: str = ""
 
     def __post_init__(self) -> None:
-        self.method = str(self.method).lower()
-        _require(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
-        _require(isinstance(self.model, str) and self.model.strip() != "", "model", "name the embedded model, a hub id or a local directory")
-        _require(isinstance(self.data, str) and self.data.strip() != "", "data", "name 'synthetic', 'hub', a hub dataset id or a local path")
+        # Types first: a JSON config may hold anything (a number for a section, a string for a flag).
+        for option, kind in (("lora", LoraSettings), ("reft", ReftSettings), ("lora_stage", StageSettings),
+                             ("reft_stage", StageSettings), ("template", PromptTemplate)):
+            value = getattr(self, option)
+            _require(isinstance(value, kind), option, f"must be an object of {option} options, got {value!r}")
+        for part in dataclasses.fields(PromptTemplate):
+            _require_str(getattr(self.template, part.name), f"template.{part.name}")
+        _require_str(self.method, "method")
+        self.method = self.method.lower()
+        _require_choice(self.method, "method", METHODS)
+        _require(
+            isinstance(self.model, str) and self.model.strip() != "", "model",
+            "name the embedded model, a hub id or a local directory",
+        )
+        _require(
+            isinstance(self.data, str) and self.data.strip() != "", "data",
+            "name 'synthetic', 'hub', a hub dataset id or a local path",
+        )
         if self.uses_lora:
             self.lora_stage.validate("lora_stage")
         if self.uses_reft:
             self.reft_stage.validate("reft_stage")
-        _require(self.heft_stage2_mode in STAGE2_MODES, "heft_stage2_mode", f"must be one of {', '.join(STAGE2_MODES)}, got {self.heft_stage2_mode!r}")
-        _require(self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        _require(isinstance(self.max_length, int) and 16 <= self.max_length <= 32768, "max_length", f"must be an integer in 16..32768, got {self.max_length!r}")
+        _require_choice(self.heft_stage2_mode, "heft_stage2_mode", STAGE2_MODES)
+        _require_choice(self.precision, "precision", PRECISIONS)
+        _require_int(self.max_length, "max_length", 16, 32768)
         for option in ("train_size", "eval_size"):
             value = getattr(self, option)
-            _require(value is None or (isinstance(value, int) and value >= 1), option, f"must be a positive integer or empty (all rows), got {value!r}")
-        _require(isinstance(self.eval_batch_size, int) and 1 <= self.eval_batch_size <= 4096, "eval_batch_size", f"must be an integer in 1..4096, got {self.eval_batch_size!r}")
-        _require(isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed", f"must be an integer in 0..2**32-1, got {self.seed!r}")
+            _require(
+                value is None or (_is_int(value) and value >= 1), option,
+                f"must be a positive integer or empty (all rows), got {value!r}",
+            )
+        _require_bool(self.eval_every_epoch, "eval_every_epoch")
+        _require_int(self.eval_batch_size, "eval_batch_size", 1, 4096)
         _require(
-            self.prefix_cache_mb == "auto" or (isinstance(self.prefix_cache_mb, int) and 0 <= self.prefix_cache_mb <= 1_048_576),
-            "prefix_cache_mb", f"must be 'auto' or an integer in 0..1048576 (MiB), got {self.prefix_cache_mb!r}",
+            _is_int(self.seed) and 0 <= self.seed < 2**32, "seed",
+            f"must be an integer in 0..2**32-1, got {self.seed!r}",
         )
+        cache_mb = self.prefix_cache_mb
+        _require(
+            cache_mb == "auto" or (_is_int(cache_mb) and 0 <= cache_mb <= 1_048_576), "prefix_cache_mb",
+            f"must be 'auto' or an integer in 0..1048576 (MiB), got {cache_mb!r}",
+        )
+        _require_int(self.processes, "processes", 1, MAX_PROCESSES)
+        minutes = self.checkpoint_minutes
+        _require(
+            0 <= _number(minutes) <= 1440, "checkpoint_minutes",
+            f"must be a number of minutes in [0, 1440] (0: only at epoch ends), got {minutes!r}",
+        )
+        self.checkpoint_minutes = float(minutes)
+        _require_bool(self.keep_epoch_checkpoints, "keep_epoch_checkpoints")
+        _require_str(self.name, "name")
 
     # --- what the method uses -------------------------------------------------------------
     @property
@@ -258,7 +347,18 @@ class RunConfig:
                 _require(not bad, "lora.layers", f"{bad} outside the model's depth; allowed 0..{num_layers - 1}")
             if self.lora.target_modules != ["all-linear"]:
                 unknown = [m for m in self.lora.target_modules if m not in linear_modules]
-                _require(not unknown, "lora.target_modules", f"{unknown} are not linear layers of this model; choose from {', '.join(sorted(linear_modules))} or 'all-linear'")
+                _require(
+                    not unknown, "lora.target_modules",
+                    f"{unknown} are not linear layers of this model; "
+                    f"choose from {', '.join(sorted(linear_modules))} or 'all-linear'",
+                )
+
+    def validate_for_tokenizer(self, tokenizer: Any) -> None:
+        """Check the template against the model's tokenizer: one-token answers, and room in ``max_length``
+        for the template, a short question and at least one passage token (else no prompt fits)."""
+        from heft_core.prompt import PromptEncoder
+
+        PromptEncoder(tokenizer, self.template, self.max_length).encode("", "is it")
 
     # --- serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -288,26 +388,47 @@ class RunConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(unknown[0], f"unknown option; known options are {', '.join(sorted(known))}")
-        nested = {"lora": LoraSettings, "reft": ReftSettings, "lora_stage": StageSettings, "reft_stage": StageSettings, "template": PromptTemplate}
+        nested = {
+            "lora": LoraSettings, "reft": ReftSettings, "lora_stage": StageSettings, "reft_stage": StageSettings,
+            "template": PromptTemplate,
+        }
         for key, kind in nested.items():
             if key in data and isinstance(data[key], dict):
                 allowed = {f.name for f in dataclasses.fields(kind)}
                 bad = sorted(set(data[key]) - allowed)
                 if bad:
-                    raise ConfigError(f"{key}.{bad[0]}", f"unknown option; known options are {', '.join(sorted(allowed))}")
+                    known_here = ", ".join(sorted(allowed))
+                    raise ConfigError(f"{key}.{bad[0]}", f"unknown option; known options are {known_here}")
                 data[key] = kind(**data[key])
         return cls(**data)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "RunConfig":
         """Read a YAML or JSON config file."""
-        text = Path(path).read_text()
-        if str(path).endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
+        try:
+            text = Path(path).read_text()
+        except OSError as error:
+            raise ConfigError("config", f"cannot read {path} ({error.strerror or error})") from error
+        try:
+            if str(path).endswith((".yaml", ".yml")):
+                data = yaml.load(text, Loader=_ConfigLoader) or {}
+            else:
+                data = json.loads(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as error:
+            detail = " ".join(str(error).split())  # YAML's messages span lines; the CLI prints one
+            raise ConfigError("config", f"{path} is not valid YAML or JSON ({detail})") from error
         if not isinstance(data, dict):
             raise ConfigError("config", f"{path} must hold a mapping of options")
         return cls.from_dict(data)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` as a string; learning rates are written that way, so read them as floats
+    (RunConfig refuses numeric strings)."""
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)

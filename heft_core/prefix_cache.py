@@ -85,7 +85,7 @@ class PrefixStateCache:
         Rows are left-padded, so row ``i``'s real prefix is columns ``[width - length_i, cut)``;
         the padded columns hold zeros and are masked by the batch's attention mask.
         """
-        from transformers import DynamicCache
+        from transformers import DynamicCache  # heavy: deferred
 
         width = batch.input_ids.shape[1]
         starts = [width - n for n in batch.lengths]

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
+from heft_common.errors import ConfigError
+
 
 class _Example(Protocol):
     uid: str
@@ -28,14 +30,15 @@ class PromptTemplate:
     no: str = " no"
 
     def __post_init__(self) -> None:
-        from heft_core.config import ConfigError
-
         if not self.yes or not self.no or self.yes == self.no:
             raise ConfigError("template.yes/no", "need two different, non-empty answer words")
 
     def render(self, passage: str, question: str) -> str:
         """The full prompt as text (for display; training tokenises the parts separately)."""
-        return self.before_passage + passage + self.after_passage_before_question + _clean_question(question) + self.after_question
+        return (
+            self.before_passage + passage + self.after_passage_before_question + _clean_question(question)
+            + self.after_question
+        )
 
 
 def _clean_question(question: str) -> str:
@@ -54,8 +57,6 @@ class PromptEncoder:
     """Tokenises examples with a template, keeping question and cue whole."""
 
     def __init__(self, tokenizer: Any, template: PromptTemplate, max_length: int):
-        from heft_core.config import ConfigError
-
         self.tokenizer = tokenizer
         self.template = template
         self.max_length = max_length
@@ -63,27 +64,34 @@ class PromptEncoder:
         self.no_id = self._single_token(template.no, "template.no")
         self._head = self._ids(template.before_passage, add_special=True)
         if max_length < len(self._head) + 8:
-            raise ConfigError("max_length", f"{max_length} is too short for the template; need at least {len(self._head) + 8}")
+            raise ConfigError(
+                "max_length", f"{max_length} is too short for the template; need at least {len(self._head) + 8}"
+            )
 
     def _ids(self, text: str, add_special: bool = False) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
         return list(ids)
 
     def _single_token(self, word: str, option: str) -> int:
-        from heft_core.config import ConfigError
-
         ids = self._ids(word)
         if len(ids) != 1:
-            raise ConfigError(option, f"{word!r} is {len(ids)} tokens for this tokenizer; the answer must be exactly one token (try a leading space)")
+            raise ConfigError(
+                option,
+                f"{word!r} is {len(ids)} tokens for this tokenizer; the answer must be exactly one token "
+                "(try a leading space)",
+            )
         return ids[0]
 
     def encode(self, passage: str, question: str) -> list[int]:
-        from heft_core.config import ConfigError
-
-        tail = self._ids(self.template.after_passage_before_question + _clean_question(question) + self.template.after_question)
+        template = self.template
+        tail = self._ids(template.after_passage_before_question + _clean_question(question) + template.after_question)
         budget = self.max_length - len(self._head) - len(tail)
         if budget < 1:
-            raise ConfigError("max_length", f"{self.max_length} tokens cannot hold the question and answer cue ({len(self._head) + len(tail)} tokens); raise max_length")
+            raise ConfigError(
+                "max_length",
+                f"{self.max_length} tokens cannot hold the question and answer cue "
+                f"({len(self._head) + len(tail)} tokens); raise max_length",
+            )
         passage_ids = self._ids(passage)[:budget]
         return self._head + passage_ids + tail
 

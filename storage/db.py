@@ -1,4 +1,4 @@
-"""SQLite engine, schema creation / versioning and session helper for HEFT Studio.
+"""SQLite engine and schema creation / versioning for HEFT Studio.
 
 The UI, the background worker and the training child processes all open the same SQLite
 file. WAL mode lets readers poll while a writer commits; ``busy_timeout`` makes writers
@@ -11,15 +11,16 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, exc, text
-from sqlmodel import Session, SQLModel
+from sqlmodel import SQLModel
 
+from heft_common.errors import StoreError
 from heft_common.home import database_path
+
 # Importing storage.models registers every table on SQLModel.metadata.
 from storage.models import SCHEMA_VERSION, SchemaInfo
 
@@ -29,14 +30,87 @@ BUSY_TIMEOUT_MS = 30_000
 SCHEMA_TABLE = SchemaInfo.__tablename__
 
 
-class SchemaError(RuntimeError):
+class SchemaError(StoreError):
     """The database file has a schema this code cannot (or must not) use."""
+
+
+class DamagedStoreError(StoreError):
+    """The database file is damaged (SQLite's quick_check fails); nothing is read from or written into it."""
+
+
+def damaged_message(db_file: str | Path, problems: list[str]) -> str:
+    """What happened to a damaged database and what to do about it (the run directories are intact)."""
+    detail = "; ".join(problem[:200] for problem in problems[:3]) + ("; ..." if len(problems) > 3 else "")
+    command = "python -m storage.rebuild --move-aside"
+    if Path(db_file).resolve() != database_path().resolve():
+        command += f" --db {db_file}"
+    return (
+        f"{db_file} is damaged (SQLite's integrity check: {detail}). HEFT Studio does not use a damaged database, so "
+        "nothing more is written into it; the run directories (runs/ in the data home) are separate files and keep "
+        f"every run. To go on: stop HEFT Studio, run `{command}` (it renames the damaged file to "
+        "heft.db.damaged-<time> and rebuilds the run list from the run directories), then start again; or restore "
+        "heft.db from a backup."
+    )
+
+
+def check_integrity(db_file: str | Path) -> None:
+    """Raise :class:`DamagedStoreError` if an existing database fails ``PRAGMA quick_check``.
+
+    Runs on a read-only connection before anything else touches the file, so a damaged database
+    is never written into (SQLite may create the -wal/-shm side files it needs to read). A file
+    that is not SQLite at all is left to :func:`init_db`, which says so.
+    """
+    path = Path(db_file)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error:
+        return  # cannot be opened read-only here; the normal open reports what is wrong
+    try:
+        problems = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall() if row[0] != "ok"]
+    except sqlite3.DatabaseError as error:
+        if "not a database" in str(error) or "locked" in str(error):
+            return
+        problems = [str(error)]
+    finally:
+        conn.close()
+    if problems:
+        raise DamagedStoreError(damaged_message(path, problems))
+
+
+def _add_study_columns(conn: Connection) -> None:
+    """Version 2: runs know their study, arm, seed and grid point (the study table itself is
+    new, so create_all adds it). A version-0 file without a run table gets the whole table
+    from create_all instead."""
+    if conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type='table' AND name='run'").first() is None:
+        return
+    existing = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(run)")}
+    # The same column types create_all writes for a new database (see storage.models.Run).
+    columns = {
+        "study_id": "INTEGER REFERENCES study (id) ON DELETE SET NULL",
+        "arm": "VARCHAR",
+        "seed": "INTEGER",
+        "grid_point": "TEXT",
+        # Operations (same version): which worker instance owns a running run, where it ran, its resumes.
+        "worker_id": "VARCHAR",
+        "executor": "VARCHAR",
+        "node": "VARCHAR",
+        "devices": "VARCHAR",
+        "resume_json": "TEXT",
+        "failure_kind": "VARCHAR",
+    }
+    for name, ddl in columns.items():
+        if name not in existing:
+            conn.exec_driver_sql(f"ALTER TABLE run ADD COLUMN {name} {ddl}")
+    # create_all does not add indexes to a table that already exists.
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_run_study_id ON run (study_id)")
 
 
 # Migration that upgrades a database *to* the given version from the one before it. It
 # runs inside the init_db write transaction; tables new in that version need no entry
-# (create_all adds them afterwards). Version 1 is the baseline, so there is none yet.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+# (create_all adds them afterwards). Version 1 is the baseline.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _add_study_columns}
 
 # The one piece of global mutable state: engines keyed by resolved DB path, with the pid
 # that created them so a forked child can drop connections it inherited.
@@ -120,10 +194,12 @@ def init_db(engine: Engine) -> None:
 
     Raises :class:`SchemaError` (leaving the file untouched) for a database written by a
     newer HEFT Studio, an unknown version, a SQLite file that is not a HEFT Studio
-    database, or a file that is not SQLite at all. Safe to call concurrently from several
-    processes: everything happens under one ``BEGIN IMMEDIATE`` write lock.
+    database, or a file that is not SQLite at all, and :class:`DamagedStoreError` for a
+    damaged one (:func:`check_integrity` runs first, read-only). Safe to call concurrently from
+    several processes: everything happens under one ``BEGIN IMMEDIATE`` write lock.
     """
     db_file = _db_file(engine)
+    check_integrity(db_file)
     try:
         with engine.connect() as conn:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -140,6 +216,8 @@ def init_db(engine: Engine) -> None:
                 f"{db_file} is not a SQLite database, so not a HEFT Studio database; "
                 "refusing to use it. Move it away or point HEFT_HOME elsewhere."
             ) from error
+        if isinstance(orig, sqlite3.DatabaseError) and "malformed" in str(orig):
+            raise DamagedStoreError(damaged_message(db_file, [str(orig)])) from error
         raise
 
 
@@ -195,17 +273,3 @@ def open_db(path: str | Path | None = None) -> Engine:
     init_db(engine)
     return engine
 
-
-@contextmanager
-def session(engine: Engine) -> Iterator[Session]:
-    """A session that commits on success, rolls back on error and always closes.
-
-    ``expire_on_commit=False`` so objects loaded inside stay readable after the block.
-    """
-    with Session(engine, expire_on_commit=False) as sess:
-        try:
-            yield sess
-            sess.commit()
-        except BaseException:
-            sess.rollback()
-            raise

@@ -8,20 +8,20 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
+# The repository root is on sys.path through pytest.ini's ``pythonpath = .``.
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-# Tests never touch the user's data home; set before any project module reads it.
+# Tests never touch the user's data home or the hub; set before any project module is imported
+# (huggingface_hub reads HF_HUB_OFFLINE when it is first imported).
 os.environ.setdefault("HEFT_HOME", str(ROOT / ".heft_home" / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from heft_core.data import DatasetSplits, Example  # noqa: E402  (after the environment above)
 from tests.tiny import make_tiny_model_dir  # noqa: E402
 
 YES_WORDS = ["red", "green", "gold", "pink"]
@@ -29,9 +29,7 @@ NO_WORDS = ["blue", "grey", "black", "white"]
 FILLER = "the a river town bird stone lake hill road tree wind song boat field wall door".split()
 
 
-def easy_splits(n_train: int = 160, n_validation: int = 64, seed: int = 0):
-    from heft_core.data import DatasetSplits, Example
-
+def easy_splits(n_train: int = 160, n_validation: int = 64, seed: int = 0) -> DatasetSplits:
     rng = random.Random(seed)
 
     def make(split: str, n: int) -> list[Example]:
@@ -63,7 +61,9 @@ def write_jsonl_splits(directory: Path, splits) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", splits.train), ("validation", splits.validation)):
         with open(directory / f"{name}.jsonl", "w") as fh:
-            fh.writelines(json.dumps({"question": e.question, "passage": e.passage, "answer": e.answer}) + "\n" for e in rows)
+            fh.writelines(
+                json.dumps({"question": e.question, "passage": e.passage, "answer": e.answer}) + "\n" for e in rows
+            )
     return directory
 
 

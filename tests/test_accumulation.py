@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from heft_core.config import StageSettings
 from heft_core.train import train
-from tests.test_engine import make_config
+from tests.tiny import make_config
 
 
 def test_accumulation_steps_and_reported_loss(tiny_model, easy_data, tmp_path):

@@ -1,4 +1,4 @@
-"""The web app without a browser: the pure view functions, and the named API through gradio_client."""
+"""The web app without a browser: form, presentation and service functions, and the API through gradio_client."""
 from __future__ import annotations
 
 import json
@@ -8,104 +8,112 @@ from types import SimpleNamespace
 
 import pytest
 
-from app import views
-from heft_core.config import ConfigError, RunConfig, StageSettings
+from app import forms, present, service
+from heft_common.errors import ConfigError
+from heft_common.vocabulary import TERMINAL_STATUSES
+from heft_core import estimates
+from heft_core.config import RunConfig, StageSettings
 from heft_core.stats import paired_comparison
-
 
 # --------------------------------------------------------------------------- form and presets
 
 
-@pytest.mark.parametrize("preset", views.PRESETS)
+@pytest.mark.parametrize("preset", forms.PRESETS)
 def test_presets_fill_every_field_and_build_configs(preset):
-    form = views.preset_form(preset)
-    assert set(form) == set(views.FORM_FIELDS)
-    assert all(form[key] is not None for key in views.FORM_FIELDS)
-    assert preset in views.PRESET_NOTES
-    [config] = views.form_to_configs(form)
+    form = forms.preset_form(preset)
+    assert set(form) == set(forms.FORM_FIELDS)
+    assert all(form[key] is not None for key in forms.FORM_FIELDS)
+    assert preset in forms.PRESET_NOTES
+    [config] = forms.form_to_configs(form)
     assert config.method == "heft"
 
 
 def test_quick_preset_matches_the_brief():
-    [config] = views.form_to_configs(views.preset_form(views.PRESET_QUICK))
-    assert (config.model, config.data, config.train_size, config.eval_size, config.max_length) == ("embedded", "synthetic", 128, 64, 128)
+    [config] = forms.form_to_configs(forms.preset_form(forms.PRESET_QUICK))
+    assert (config.model, config.data, config.train_size, config.eval_size, config.max_length) == (
+        "embedded", "synthetic", 128, 64, 128)
     assert config.lora_stage.batch_size == config.reft_stage.batch_size == 8
-    assert (config.lora.rank, config.lora.target_modules, config.lora_stage.learning_rate) == (8, ["q_proj", "v_proj"], 1e-3)
-    assert (config.reft.rank, config.reft.layers, config.reft.positions, config.reft_stage.learning_rate) == (4, [8, 16, 24], "l1", 1e-3)
+    assert (config.lora.rank, config.lora.target_modules, config.lora_stage.learning_rate) == (
+        8, ["q_proj", "v_proj"], 1e-3)
+    assert (config.reft.rank, config.reft.layers, config.reft.positions, config.reft_stage.learning_rate) == (
+        4, [8, 16, 24], "l1", 1e-3)
     assert (config.lora_stage.epochs, config.reft_stage.epochs) == (3, 1)
 
 
 def test_paper_preset_uses_full_hub_boolq_and_bf16():
-    [config] = views.form_to_configs(views.preset_form(views.PRESET_PAPER))
-    assert (config.model, config.data, config.train_size, config.eval_size) == ("meta-llama/Llama-2-7b-hf", "hub", None, None)
+    [config] = forms.form_to_configs(forms.preset_form(forms.PRESET_PAPER))
+    assert (config.model, config.data, config.train_size, config.eval_size) == (
+        "meta-llama/Llama-2-7b-hf", "hub", None, None)
     assert config.precision == "bf16" and config.reft.positions == "f7+l7" and config.reft.layers == "all"
     assert config.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert config.total_epochs == 3
 
 
 def test_compare_all_three_queues_one_batch_with_shared_settings():
-    form = dict(views.default_form(), method=views.METHOD_LABELS["all"], include_base=True, name="cmp", seed=7)
-    configs = views.form_to_configs(form)
+    form = dict(forms.default_form(), method=forms.METHOD_LABELS["all"], include_base=True, name="cmp", seed=7)
+    configs = forms.form_to_configs(form)
     methods = [c.method for c in configs]
     assert methods[:3] == ["lora", "reft", "heft"]
-    if views.base_runs_supported():
-        assert methods[3:] == ["base"]
+    assert methods[3:] == ["base"]
     assert {c.seed for c in configs} == {7} and len({(c.train_size, c.eval_size, c.data) for c in configs}) == 1
     assert configs[0].name == "cmp · LoRA"
 
 
 def test_form_errors_name_the_option():
-    form = dict(views.default_form(), reft_positions="x9")
+    form = dict(forms.default_form(), **{"reft.positions": "x9"})
     with pytest.raises(ConfigError) as info:
-        views.form_to_configs(form)
+        forms.form_to_configs(form)
     assert info.value.option == "reft.positions"
-    assert "`reft.positions`" in views.error_message(info.value)
+    assert "`reft.positions`" in forms.error_message(info.value)
     with pytest.raises(ConfigError) as info:
-        views.form_to_configs(dict(views.default_form(), data_kind=views.DATA_LOCAL, data_local=""))
+        forms.form_to_configs(dict(forms.default_form(), data_kind=forms.DATA_LOCAL, data_local=""))
     assert info.value.option == "data"
     with pytest.raises(ConfigError) as info:
-        views.form_to_configs(dict(views.default_form(), lora_rank=2.5))
+        forms.form_to_configs(dict(forms.default_form(), **{"lora.rank": 2.5}))
     assert info.value.option == "lora.rank"
     with pytest.raises(ConfigError):
-        views.form_to_configs(dict(views.default_form(), data_kind=views.DATA_UPLOAD))
-    assert views.data_source(views.DATA_UPLOAD, None, "/x/y.jsonl") == "/x/y.jsonl"
+        forms.form_to_configs(dict(forms.default_form(), data_kind=forms.DATA_UPLOAD))
+    assert forms.data_source(forms.DATA_UPLOAD, None, "/x/y.jsonl") == "/x/y.jsonl"
 
 
 def test_field_messages():
-    assert views.positions_message("f7+l7").startswith("✓")
-    assert "fast path" in views.positions_message("l1") and "fast path" not in views.positions_message("f1+l1")
-    assert views.positions_message("7").startswith("⚠️")
-    assert "0..3" in views.layers_message("0,9", 4) and views.layers_message("0,9", 4).startswith("⚠️")
-    assert views.layers_message("all", 30) == "✓ all 30 layers (valid: 0..29)"
-    assert "1 + 2 = **3 epochs**" in views.epochs_message(dict(views.default_form(), lora_epochs=1, reft_epochs=2))
+    assert forms.positions_message("f7+l7").startswith("✓")
+    assert "fast path" in forms.positions_message("l1") and "fast path" not in forms.positions_message("f1+l1")
+    assert forms.positions_message("7").startswith("⚠️")
+    assert "0..3" in forms.layers_message("0,9", 4) and forms.layers_message("0,9", 4).startswith("⚠️")
+    assert forms.layers_message("all", 30) == "✓ all 30 layers (valid: 0..29)"
+    form = dict(forms.default_form(), **{"lora_stage.epochs": 1, "reft_stage.epochs": 2})
+    assert "1 + 2 = **3 epochs**" in forms.epochs_message(form)
 
 
 # --------------------------------------------------------------------------- estimates
 
 
 def test_parameter_estimates():
-    shape = views.model_shape("embedded")
+    shape = estimates.model_shape("embedded")
     # SmolLM2-135M: q 576->576, v 576->192; r * (in + out) per layer, 30 layers.
-    assert views.lora_params(shape, 8, ["q_proj", "v_proj"]) == 8 * ((576 + 576) + (576 + 192)) * 30
-    assert views.lora_params(shape, 8, ["q_proj"], layers=[0, 1]) == 8 * 1152 * 2
-    assert views.reft_params(576, 4, 3, "l1", True) == (2 * 576 * 4 + 4) * 3
-    assert views.reft_params(576, 4, 3, "f7+l7", False) == 2 * (2 * 576 * 4 + 4) * 3
-    assert views.reft_params(576, 4, 3, "f7+l7", True) == (2 * 576 * 4 + 4) * 3
-    assert StageSettings(batch_size=8).optimizer_steps(64) == 8 and StageSettings(epochs=2, batch_size=16, grad_accum=2).optimizer_steps(9427) == 590
-    text = views.estimate_markdown(views.preset_form(views.PRESET_QUICK))
-    assert "460,800" in text and "13,836" in text and "**4 epochs**" in text and "128 × 3" in text and "128 × 1" in text
+    assert estimates.lora_params(shape, 8, ["q_proj", "v_proj"]) == 8 * ((576 + 576) + (576 + 192)) * 30
+    assert estimates.lora_params(shape, 8, ["q_proj"], layers=[0, 1]) == 8 * 1152 * 2
+    assert estimates.reft_params(576, 4, 3, "l1", True) == (2 * 576 * 4 + 4) * 3
+    assert estimates.reft_params(576, 4, 3, "f7+l7", False) == 2 * (2 * 576 * 4 + 4) * 3
+    assert estimates.reft_params(576, 4, 3, "f7+l7", True) == (2 * 576 * 4 + 4) * 3
+    assert StageSettings(batch_size=8).optimizer_steps(64) == 8
+    assert StageSettings(epochs=2, batch_size=16, grad_accum=2).optimizer_steps(9427) == 590
+    text = forms.estimate_markdown(forms.preset_form(forms.PRESET_QUICK))
+    assert "460,800" in text and "13,836" in text and "**4 epochs**" in text
+    assert "128 × 3" in text and "128 × 1" in text
 
 
 def test_model_shape_reads_a_local_model(tiny_model):
-    shape = views.model_shape(tiny_model)
+    shape = estimates.model_shape(tiny_model)
     assert shape["num_layers"] == 4 and shape["hidden_size"] == 64
     assert shape["linear"]["q_proj"] == (64, 64) and shape["linear"]["k_proj"] == (64, 32)
-    form = dict(views.default_form(), model=tiny_model, reft_layers="0,1")
-    assert "| HEFT | lora |" in views.estimate_markdown(form)
+    form = dict(forms.default_form(), model=tiny_model, **{"reft.layers": "0,1"})
+    assert "| HEFT | lora |" in forms.estimate_markdown(form)
 
 
 def test_estimate_reports_unreadable_model(tmp_path):
-    text = views.estimate_markdown(dict(views.default_form(), model=str(tmp_path / "nope")))
+    text = forms.estimate_markdown(dict(forms.default_form(), model=str(tmp_path / "nope")))
     assert text.startswith("*Estimate unavailable:*") and "Model problem" in text
 
 
@@ -130,33 +138,36 @@ def test_runs_frame_and_progress():
 
     now = datetime.now(timezone.utc)
     running = fake_run(2, status="running", accuracy=None, started_at=now - timedelta(seconds=90), created_at=now,
-                       progress={"stage": "reft", "epoch": 1.5, "step": 6, "total_steps": 8, "eta_seconds": 30, "loss": 0.5})
-    frame = views.runs_frame([running, fake_run(1, method="lora")], now=now)
-    assert list(frame.columns) == views.RUN_COLUMNS and list(frame["id"]) == [2, 1]
+                       progress={"stage": "reft", "epoch": 1.5, "step": 6, "total_steps": 8, "eta_seconds": 30,
+                                 "loss": 0.5})
+    frame = present.runs_frame([running, fake_run(1, method="lora")], now=now)
+    assert list(frame.columns) == present.RUN_COLUMNS and list(frame["id"]) == [2, 1]
     assert frame.iloc[1]["accuracy [95% CI]"] == "75.0% [65.0, 85.0]" and frame.iloc[0]["duration"] == "1 min 30 s"
     assert frame.iloc[0]["epochs"] == "1+1" and frame.iloc[1]["epochs"] == "1"
-    text = views.progress_markdown(running, now=now)
+    text = present.progress_markdown(running, now=now)
     assert "step 6/8 (75%)" in text and "ETA 30 s" in text and "stage **reft**" in text
     failed = fake_run(3, status="failed", error="DataError: no such file")
-    assert "no such file" in views.progress_markdown(failed)
-    assert views.filter_args("all", "heft", "  x ") == {"status": None, "method": "heft", "text": "x"}
+    assert "no such file" in present.progress_markdown(failed)
+    assert service.filter_args("all", "heft", "  x ") == {"status": None, "method": "heft", "text": "x"}
 
 
 def test_chart_frames():
     metrics = [{"id": i, "step": i, "loss": 1.0 / i, "stage": "lora" if i < 3 else "reft"} for i in range(1, 5)]
-    frame = views.loss_frame(metrics + [{"id": 9, "step": 9, "loss": None, "stage": "reft"}])
+    frame = present.loss_frame(metrics + [{"id": 9, "step": 9, "loss": None, "stage": "reft"}])
     assert list(frame.columns) == ["step", "loss", "stage"] and len(frame.dropna()) == 4
-    evals = [{"stage": "lora", "epoch": 1, "cumulative_epoch": 1.0, "accuracy": 0.6, "accuracy_low": 0.5, "accuracy_high": 0.7}]
-    assert views.eval_frame(evals).dropna().iloc[0].tolist() == [1.0, 60.0, "lora", 50.0, 70.0]
+    evals = [{"stage": "lora", "epoch": 1, "cumulative_epoch": 1.0, "accuracy": 0.6, "accuracy_low": 0.5,
+              "accuracy_high": 0.7}]
+    assert present.eval_frame(evals).dropna().iloc[0].tolist() == [1.0, 60.0, "lora", 50.0, 70.0]
     big = [{"id": i, "step": i, "loss": 1.0, "stage": "lora"} for i in range(1, 5001)]
-    thinned = views.loss_frame(big)
+    thinned = present.loss_frame(big)
     assert len(thinned.dropna()) <= 2001 and thinned.iloc[-1]["step"] == 5000
     # A run in its LoRA stage already names "reft" (no value): Gradio fixes a plot's colours at its
     # first render, and a stage first seen in an update (or in another run) would not be drawn.
-    early = views.loss_frame(metrics[:2])
-    assert list(early["stage"]) == ["lora", "reft", "lora", "lora"] and early["loss"].isna().tolist() == [True, True, False, False]
-    assert list(views.eval_frame(evals)["stage"]) == ["base", "lora", "reft", "lora"]
-    assert views.loss_frame([]).empty
+    early = present.loss_frame(metrics[:2])
+    assert list(early["stage"]) == ["lora", "reft", "lora", "lora"]
+    assert early["loss"].isna().tolist() == [True, True, False, False]
+    assert list(present.eval_frame(evals)["stage"]) == ["base", "lora", "reft", "lora"]
+    assert present.loss_frame([]).empty
 
 
 def test_compare_runs_verdicts():
@@ -165,36 +176,43 @@ def test_compare_runs_verdicts():
     lora = {u: i % 4 != 0 for i, u in enumerate(uids)}  # 30 right
     runs = [fake_run(1, "heft"), fake_run(2, "lora"), fake_run(3, "reft", signature="other")]
     metrics = {1: [{"step": 1, "loss": 0.7, "stage": "lora"}], 2: [{"step": 1, "loss": 0.8, "stage": "lora"}], 3: []}
-    evals = {1: [{"stage": "lora", "epoch": 1, "cumulative_epoch": 1, "accuracy": 0.8, "accuracy_low": 0.7, "accuracy_high": 0.9}]}
-    result = views.compare_runs(runs, metrics, evals, {1: heft, 2: lora, 3: lora})
+    evals = {1: [{"stage": "lora", "epoch": 1, "cumulative_epoch": 1, "accuracy": 0.8, "accuracy_low": 0.7,
+                  "accuracy_high": 0.9}]}
+    result = present.compare_runs(runs, metrics, evals, {1: heft, 2: lora, 3: lora})
     comparison = paired_comparison(heft, lora)
     first = result["verdicts"][0]
     assert first.startswith("#1 HEFT (1+1 ep) vs #2 LoRA (1 ep): +5.0 points")
     assert f"{comparison.a_only} vs {comparison.b_only} discordant questions" in first and "McNemar p = " in first
     assert first.endswith("not significant")
     assert "not comparable" in result["verdicts"][1] and "not comparable" in result["verdicts"][2]
-    assert len(result["pairs"]) == 3 and len(result["table"]) == 3 and set(result["loss"]["run"]) == {"#1 HEFT (1+1 ep)", "#2 LoRA (1 ep)"}
-    assert views.accuracy_figure(result["accuracy"]) is not None
-    assert "4 questions net" in views.paper_context() or "+4 questions" in views.paper_context()
+    assert len(result["pairs"]) == 3 and len(result["table"]) == 3
+    assert set(result["loss"]["run"]) == {"#1 HEFT (1+1 ep)", "#2 LoRA (1 ep)"}
+    figure = present.accuracy_figure(result["accuracy"], result["colors"])
+    assert figure is not None
+    # one error-bar series per run that has evaluations, in that run's colour
+    assert figure.axes[0].get_legend_handles_labels()[1] == ["#1 HEFT (1+1 ep)"]
+    assert "4 questions net" in present.paper_context() or "+4 questions" in present.paper_context()
 
 
 def test_answer_cards_and_payloads(tmp_path):
-    results = [{"slot": s, "title": s, "subtitle": "", "answer": "yes" if s != "reft" else "no", "p_yes": 0.7, "latency_seconds": 0.01}
+    results = [{"slot": s, "title": s, "subtitle": "", "answer": "yes" if s != "reft" else "no", "p_yes": 0.7,
+                "latency_seconds": 0.01}
                for s in ("base", "lora", "reft")] + [{"slot": "heft", "title": "HEFT", "error": "no HEFT run picked"}]
-    page = views.answer_cards_html(results, gold=True)
+    page = present.answer_cards_html(results, gold=True)
     assert page.count("class='heft-card ") == 4 and page.count("✓") == 2 and page.count("✗") == 1
     assert "Gold answer: <b>yes</b>" in page
-    assert len(views.parse_config_payload(json.dumps({"configs": [{"method": "lora"}, {"method": "reft"}]}))) == 2
-    for bad, option in (("[1]", "config_json"), ("{", "config_json"), ('{"configs": []}', "configs"), ('{"nope": 1}', "nope")):
+    assert len(service.parse_config_payload(json.dumps({"configs": [{"method": "lora"}, {"method": "reft"}]}))) == 2
+    for bad, option in (("[1]", "config_json"), ("{", "config_json"), ('{"configs": []}', "configs"),
+                        ('{"nope": 1}', "nope")):
         with pytest.raises(ConfigError) as info:
-            views.parse_config_payload(bad)
+            service.parse_config_payload(bad)
         assert info.value.option == option
     source = tmp_path / "mine.csv"
     source.write_text("question,passage,answer\nq,p,true\n")
-    stored = views.save_upload(str(source), tmp_path / "uploads")
+    stored = service.save_upload(str(source), tmp_path / "uploads")
     assert stored.parent == tmp_path / "uploads" and stored.read_text() == source.read_text()
     with pytest.raises(ValueError):
-        views.save_upload(str(tmp_path / "x.txt"), tmp_path / "uploads")
+        service.save_upload(str(tmp_path / "x.txt"), tmp_path / "uploads")
 
 
 # --------------------------------------------------------------------------- the API through gradio_client
@@ -211,7 +229,8 @@ def free_port() -> int:
 def tiny_config(model: str, data: str, method: str = "lora") -> dict:
     return {
         "method": method, "model": model, "data": data, "train_size": 16, "eval_size": 16, "max_length": 64, "seed": 1,
-        "lora": {"rank": 2, "target_modules": ["q_proj", "v_proj"]}, "reft": {"rank": 2, "layers": [1, 2], "positions": "l1"},
+        "lora": {"rank": 2, "target_modules": ["q_proj", "v_proj"]},
+        "reft": {"rank": 2, "layers": [1, 2], "positions": "l1"},
         "lora_stage": {"epochs": 1, "learning_rate": 0.01, "batch_size": 4},
         "reft_stage": {"epochs": 1, "learning_rate": 0.01, "batch_size": 4},
     }
@@ -255,10 +274,13 @@ def test_api_queue_list_detail_cancel(app_client, tiny_model, data_dir):
     assert client.predict("abc", api_name="/cancel_run") == {"error": "run id must be a positive integer, got 'abc'"}
     assert client.predict(9999, api_name="/cancel_run")["error"] == "run 9999 does not exist"
     assert "error" in client.predict(-1, api_name="/run_detail")
-    bad = client.predict(json.dumps(dict(tiny_config(tiny_model, data_dir), reft={"layers": [7]}, method="reft")), api_name="/start_run")
+    bad_config = dict(tiny_config(tiny_model, data_dir), reft={"layers": [7]}, method="reft")
+    bad = client.predict(json.dumps(bad_config), api_name="/start_run")
     assert "reft.layers" in bad["error"] and "0..3" in bad["error"]
-    assert "no such local directory" in client.predict(json.dumps(tiny_config("/no/such/model", data_dir)), api_name="/start_run")["error"]
-    assert client.predict(started["run_ids"][0], api_name="/cancel_run") == {"run_id": started["run_ids"][0], "status": "cancelled"}
+    no_model = client.predict(json.dumps(tiny_config("/no/such/model", data_dir)), api_name="/start_run")
+    assert "no such local directory" in no_model["error"]
+    first = started["run_ids"][0]
+    assert client.predict(first, api_name="/cancel_run") == {"run_id": first, "status": "cancelled"}
     assert "error" in client.predict("p", "q", "[9999]", api_name="/ask")
     assert "queued" in client.predict("p", "q", json.dumps([batch_ids[0]]), api_name="/ask")["error"]
 
@@ -274,15 +296,17 @@ def test_api_trains_and_answers(app_client, tiny_model, data_dir):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             statuses = {r["id"]: r["status"] for r in client.predict("", api_name="/list_runs")}
-            if all(statuses[i] in views.TERMINAL_STATUSES for i in ids):
+            if all(statuses[i] in TERMINAL_STATUSES for i in ids):
                 break
             time.sleep(0.5)
         assert [statuses[i] for i in ids] == ["completed"]
         detail = client.predict(ids[0], api_name="/run_detail")
-        assert detail["accuracy"] is not None and detail["metrics"] and [e["stage"] for e in detail["evals"]] == ["lora", "reft"]
+        assert detail["accuracy"] is not None and detail["metrics"]
+        assert [e["stage"] for e in detail["evals"]] == ["lora", "reft"]
         answer = client.predict("the river town", "is the bird red", json.dumps({"heft": ids[0]}), api_name="/ask")
         assert [a["slot"] for a in answer["answers"]] == ["base", "heft"] and answer["answers"][1]["run_id"] == ids[0]
-        assert client.predict("the river town", "is the bird red", json.dumps([ids[0]]), api_name="/ask")["answers"][1]["slot"] == "heft"
+        by_list = client.predict("the river town", "is the bird red", json.dumps([ids[0]]), api_name="/ask")
+        assert by_list["answers"][1]["slot"] == "heft"
         assert all(a["answer"] in ("yes", "no") and 0 <= a["p_yes"] <= 1 for a in answer["answers"])
         assert "enter a question" in client.predict("p", "", "[]", api_name="/ask")["error"]
     finally:

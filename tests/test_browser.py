@@ -5,7 +5,6 @@ directory to also save a screenshot of every step there.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
@@ -18,7 +17,8 @@ CHROMIUM = "/usr/bin/chromium"
 
 pytestmark = [
     pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: install Debian's chromium (make browser) to run the browser tests"),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: install Debian's chromium "
+                                                            "(make browser) to run the browser tests"),
 ]
 
 
@@ -66,7 +66,8 @@ def test_train_watch_compare_ask(studio, tiny_model):
             page.screenshot(path=str(Path(shots) / f"browser_{name}.png"), full_page=True)
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
@@ -81,7 +82,8 @@ def test_train_watch_compare_ask(studio, tiny_model):
             local = page.get_by_label("Local BoolQ directory or file")
             local.fill(data_dir)
             page.get_by_label("Compare all three (one batch)").check()
-            for label, value in (("train subset (0 = all)", "16"), ("eval subset (0 = all)", "16"), ("max length (tokens)", "64"),
+            for label, value in (("train subset (0 = all)", "16"), ("eval subset (0 = all)", "16"),
+                                 ("max length (tokens)", "64"),
                                  ("batch size", "4"), ("LoRA learning rate", "0.01"), ("ReFT learning rate", "0.01")):
                 box = page.get_by_label(label, exact=True)
                 box.fill(value)
@@ -145,7 +147,8 @@ def test_train_watch_compare_ask(studio, tiny_model):
             # --- A run recorded by another process (CLI, bench, API) shows up without Refresh
             page.get_by_role("tab", name="Runs").click()
             outside = queries.start_external_run(
-                engine, worker_pid=os.getpid(), name="recorded elsewhere", method="base", config={}, base_model="m", data_source="d",
+                engine, worker_pid=os.getpid(), name="recorded elsewhere", method="base", config={}, base_model="m",
+                data_source="d",
             )
             queries.set_artifact_dir(engine, outside.id, Path(data_dir).parent)  # a directory without train.log
             queries.finish_run(engine, outside.id, "completed")
@@ -153,7 +156,8 @@ def test_train_watch_compare_ask(studio, tiny_model):
             run_box = page.locator("#heft-run-id input")
             run_box.fill(str(outside.id))
             run_box.press("Enter")
-            expect(page.locator(".heft-log textarea")).to_have_value(re.compile("trained outside the app's worker"), timeout=20_000)
+            expect(page.locator(".heft-log textarea")).to_have_value(re.compile("trained outside the app's worker"),
+                                                                     timeout=20_000)
 
             # --- A second tab (or a reload) re-attaches to a run from the database alone
             other = browser.new_page(viewport={"width": 1400, "height": 1000})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from heft_core import data
+from heft_core import data, synthetic
 from heft_core.data import (
     DataError,
     DatasetSplits,
@@ -37,7 +37,9 @@ def _rows(count: int, schema: str = "boolq", prefix: str = "q") -> list[dict]:
     for i in range(count):
         row = {
             "question": f"is the {prefix} lantern number {i} green",
-            "passage": f"Lantern {i} -- The lantern number {i} hangs by the mill. It is {'green' if i % 2 == 0 else 'red'}.",
+            "passage": (
+                f"Lantern {i} -- The lantern number {i} hangs by the mill. It is {'green' if i % 2 == 0 else 'red'}."
+            ),
         }
         if schema == "boolq":
             row["answer"] = i % 2 == 0
@@ -125,7 +127,7 @@ def test_synthetic_answer_follows_one_learnable_rule() -> None:
     # (the asked value is there for yes and absent for no). A word-overlap check this simple
     # scoring ~100% shows the relation is consistent enough for a small LM to learn.
     template_words = set()
-    for domain in data._DOMAINS:
+    for domain in synthetic.DOMAINS:
         for attribute in domain.attributes:
             for template in attribute.questions:
                 template_words |= _words(template.replace("{name}", " ").replace("{value}", " "))
@@ -350,9 +352,22 @@ def _write_text(path: Path, text: str) -> Path:
     return path
 
 
-def test_known_forms_validate_without_loading() -> None:
+def test_known_forms_parse_and_validate_without_loading(tmp_path: Path) -> None:
+    expected = {
+        "synthetic": ("synthetic", None),
+        " Synthetic ": ("synthetic", None),
+        "hub": ("hub", ("google/boolq", None)),
+        "google/boolq": ("hub", ("google/boolq", None)),
+        "hub:google/boolq": ("hub", ("google/boolq", None)),
+        "hub:aps/super_glue:boolq": ("hub", ("aps/super_glue", "boolq")),
+        "HUB: owner/name : cfg ": ("hub", ("owner/name", "cfg")),
+        "./synthetic": ("local", "./synthetic"),
+        str(tmp_path / "train.jsonl"): ("local", str(tmp_path / "train.jsonl")),
+    }
+    for source, parsed in expected.items():
+        assert data._parse_source(source) == parsed, source
     for source in ["synthetic", "hub", "google/boolq", "hub:google/boolq", "hub:aps/super_glue:boolq"]:
-        validate_source(source)
+        validate_source(source)  # never contacts the hub
 
 
 # --------------------------------------------------------------------------- hub
@@ -434,7 +449,8 @@ def test_eval_signature_is_stable_and_order_independent() -> None:
     assert signature == eval_signature(list(reversed(examples)))
     assert len(signature) == 16 and int(signature, 16) >= 0
     assert signature != eval_signature(examples[:-1])
-    assert eval_signature(synthetic_boolq(20, 10, 0).validation) == eval_signature(synthetic_boolq(20, 10, 0).validation)
+    same_set = synthetic_boolq(20, 10, 0).validation
+    assert eval_signature(same_set) == eval_signature(synthetic_boolq(20, 10, 0).validation)
 
 
 # --------------------------------------------------------------------------- local BoolQ

@@ -36,9 +36,9 @@ def test_two_processes_converting_the_cache_at_once_get_one_whole_cache(tmp_path
 
 def test_quick_cpu_preset_heft_run_beats_the_zero_shot_baseline(tmp_path):
     """The UI's "Quick CPU demo" preset, trained for real: it must visibly learn."""
-    from app import views
+    from app import forms
 
-    [heft_config] = views.form_to_configs(views.preset_form(views.PRESET_QUICK))
+    [heft_config] = forms.form_to_configs(forms.preset_form(forms.PRESET_QUICK))
     assert heft_config.method == "heft" and heft_config.data == "synthetic"
     base_config = RunConfig.from_dict({**heft_config.to_dict(), "method": "base"})
     base = train(base_config, tmp_path / "base")

@@ -10,25 +10,12 @@ from heft_core.adapters import ReftAnswerModel
 from heft_core.artifacts import load_run
 from heft_core.batching import collate
 from heft_core.callbacks import TrainerCallback
-from heft_core.config import LoraSettings, ReftSettings, RunConfig, StageSettings
+from heft_core.config import LoraSettings, ReftSettings, RunConfig
 from heft_core.inference import SideBySide, answer_model_for_run, evaluate_run
 from heft_core.models import load_model, model_info
 from heft_core.prompt import EncodedExample, PromptTemplate
 from heft_core.train import train
-
-
-def make_config(model: str, method: str, **overrides) -> RunConfig:
-    settings = dict(
-        method=method, model=model, data="test:easy", train_size=None, eval_size=None, max_length=64, seed=7,
-        lora=LoraSettings(rank=4, alpha=8, dropout=0.0, target_modules=["all-linear"]),
-        reft=ReftSettings(rank=4, layers="all", positions="f2+l2", dropout=0.0),
-        lora_stage=StageSettings(epochs=2, learning_rate=1e-2, batch_size=8, warmup_ratio=0.0),
-        reft_stage=StageSettings(epochs=2, learning_rate=1e-2, batch_size=8, warmup_ratio=0.0),
-        # The prompt ends on the deciding word, so a 4-layer random model can learn it quickly.
-        template=PromptTemplate(after_question=""),
-    )
-    settings.update(overrides)
-    return RunConfig(**settings)
+from tests.tiny import make_config
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +39,9 @@ def test_loss_falls_and_accuracy_beats_chance(runs, method):
 
 
 def test_evaluation_after_every_epoch_of_every_stage(runs):
-    assert [(e.stage, e.epoch, e.cumulative_epoch) for e in runs["heft"].evals] == [("lora", 1, 1), ("lora", 2, 2), ("reft", 1, 3), ("reft", 2, 4)]
+    assert [(e.stage, e.epoch, e.cumulative_epoch) for e in runs["heft"].evals] == [
+        ("lora", 1, 1), ("lora", 2, 2), ("reft", 1, 3), ("reft", 2, 4),
+    ]
     assert [(e.stage, e.epoch) for e in runs["base"].evals] == [("base", 0)]
 
 
@@ -126,7 +115,10 @@ def test_side_by_side_equals_each_run_loaded_alone(runs, tiny_model, easy_data):
     for name in ("lora", "reft", "heft"):
         # The run alone, on its own fresh copy of the base model.
         alone_model = answer_model_for_run(load_run(runs[name].run_dir), load_model(tiny_model))
-        alone = predict(alone_model, encoder.encode_examples(examples), yes_id=encoder.yes_id, no_id=encoder.no_id, pad_id=0, batch_size=16, device=torch.device("cpu"))
+        alone = predict(
+            alone_model, encoder.encode_examples(examples), yes_id=encoder.yes_id, no_id=encoder.no_id, pad_id=0,
+            batch_size=16, device=torch.device("cpu"),
+        )
         for a, b in zip(alone, shared[name]):
             assert a.p_yes == pytest.approx(b.p_yes, abs=1e-5)
             assert a.predicted == b.predicted
@@ -188,7 +180,8 @@ def test_reft_changes_hidden_states_only_at_its_layer_and_positions(tiny_model):
     batch = collate([EncodedExample("x", list(range(5, 5 + length)), 1)], pad_id=0)
     before = _layer_inputs(model, PlainAnswerModel(model), batch)
     torch.manual_seed(0)
-    reft = ReftAnswerModel(model, ReftSettings(rank=4, layers=[2], positions="f1+l2", dropout=0.0), info.num_layers, info.hidden_size)
+    settings = ReftSettings(rank=4, layers=[2], positions="f1+l2", dropout=0.0)
+    reft = ReftAnswerModel(model, settings, info.num_layers, info.hidden_size)
     after = _layer_inputs(model, reft, batch)
     changed = [((a - b).abs().amax(-1)[0] > 1e-6).nonzero().flatten().tolist() for a, b in zip(before, after)]
     # inputs of layers 0..2 (outputs of embeddings, layers 0 and 1): unchanged everywhere
@@ -201,7 +194,8 @@ def test_reft_changes_hidden_states_only_at_its_layer_and_positions(tiny_model):
 
 def test_unshared_positions_use_two_interventions_per_layer(tiny_model):
     info = model_info(tiny_model)
-    reft = ReftAnswerModel(load_model(tiny_model), ReftSettings(rank=2, layers=[0, 3], positions="f3+l3", share_weights=False), info.num_layers, info.hidden_size)
+    settings = ReftSettings(rank=2, layers=[0, 3], positions="f3+l3", share_weights=False)
+    reft = ReftAnswerModel(load_model(tiny_model), settings, info.num_layers, info.hidden_size)
     assert len(reft.interventions) == 4
 
 
@@ -320,7 +314,9 @@ def test_prefix_cache_stops_storing_at_its_budget_and_still_answers(tiny_model):
         unlimited.answer_logits(collate(examples, pad_id=0))
     one_prompt = unlimited.prefix_cache.used_bytes // 4
     small = PrefixStateCache(budget_bytes=one_prompt * 2 + one_prompt // 2)  # room for two prompts
-    limited = ReftAnswerModel(host, settings, info.num_layers, info.hidden_size, state=unlimited.intervention_state(), prefix_cache=small)
+    limited = ReftAnswerModel(
+        host, settings, info.num_layers, info.hidden_size, state=unlimited.intervention_state(), prefix_cache=small
+    )
     with torch.no_grad():
         first = limited.answer_logits(collate(examples, pad_id=0))
         second = limited.answer_logits(collate(examples, pad_id=0))
@@ -330,7 +326,7 @@ def test_prefix_cache_stops_storing_at_its_budget_and_still_answers(tiny_model):
 
 
 def test_prefix_cache_budget_auto_is_a_share_of_available_memory():
-    from heft_core.config import ConfigError, RunConfig
+    from heft_core.config import ConfigError
     from heft_core.prefix_cache import AUTO_SHARE, available_bytes, resolve_budget
 
     cpu = torch.device("cpu")

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_dockerfile_copies_paths_that_exist_and_runs_as_uid_1000_on_7860():
     text = (ROOT / "Dockerfile").read_text()
-    copied = [src for line in text.splitlines() if line.startswith("COPY") for src in line.split()[1:-1] if not src.startswith("--")]
+    copy_lines = [line for line in text.splitlines() if line.startswith("COPY")]
+    copied = [src for line in copy_lines for src in line.split()[1:-1] if not src.startswith("--")]
     assert copied, "Dockerfile copies nothing"
     for src in copied:
         assert (ROOT / src).exists(), f"Dockerfile copies {src}, which does not exist"
@@ -22,7 +23,8 @@ def test_requirements_are_pinned_exactly():
         for line in (ROOT / name).read_text().splitlines():
             line = line.split("#")[0].strip()
             if line:
-                assert re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][A-Za-z0-9.+\-]*", line), f"{name}: {line!r} is not pinned with =="
+                pinned = re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][A-Za-z0-9.+\-]*", line)
+                assert pinned, f"{name}: {line!r} is not pinned with =="
 
 
 def test_no_deps_packages_are_installed_without_dependencies():
@@ -42,6 +44,11 @@ def test_readme_names_the_two_commands_and_ci_calls_the_test_one():
 def test_heft_core_and_storage_stay_in_their_lanes():
     for path in (ROOT / "heft_core").glob("*.py"):
         source = path.read_text()
-        assert not re.search(r"^\s*(import|from) (gradio|sqlmodel|sqlalchemy|sqlite3|storage)\b", source, re.M), f"{path.name} imports UI or SQL"
+        ui_or_sql = re.search(r"^\s*(import|from) (gradio|sqlmodel|sqlalchemy|sqlite3|storage)\b", source, re.M)
+        assert not ui_or_sql, f"{path.name} imports UI or SQL"
     for path in (ROOT / "storage").glob("*.py"):
-        assert not re.search(r"^\s*(import|from) (torch|transformers|gradio|heft_core\.(train|adapters|models))\b", path.read_text(), re.M), f"{path.name} imports torch"
+        engine = re.search(
+            r"^\s*(import|from) (torch|transformers|gradio|heft_core\.(train|adapters|models))\b",
+            path.read_text(), re.M,
+        )
+        assert not engine, f"{path.name} imports torch"

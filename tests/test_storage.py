@@ -21,7 +21,6 @@ from storage import queries
 from storage.db import SchemaError, get_engine, init_db, open_db
 from storage.models import SCHEMA_VERSION, Run, RunStatus, utcnow
 
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -543,7 +542,242 @@ def test_external_run_is_running_and_never_claimed(tmp_path):
     from storage.db import open_db
 
     engine = open_db(tmp_path / "ext.db")
-    run = queries.start_external_run(engine, name="bench", method="base", config={}, base_model="m", data_source="d", worker_pid=os.getpid())
+    run = queries.start_external_run(
+        engine, name="bench", method="base", config={}, base_model="m", data_source="d", worker_pid=os.getpid()
+    )
     assert run.status == "running" and run.worker_pid == os.getpid()
     assert queries.claim_next_run(engine, 1) is None
     assert queries.finish_run(engine, run.id, "completed", results={"accuracy": 0.5})
+
+
+# --------------------------------------------------------------------------- issue 13: worker identity, stuck runs
+
+
+def _identity_of_exited_process() -> str:
+    """The worker id a process had; the process has exited since."""
+    code = "from heft_common.process import worker_identity; print(worker_identity())"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _with_worker(engine: Engine, run_id: int, worker_id: str, worker_pid: int, age_s: float = 0) -> None:
+    with engine.begin() as conn:
+        conn.execute(update(Run.__table__).where(Run.__table__.c.id == run_id).values(
+            worker_id=worker_id, worker_pid=worker_pid, heartbeat_at=utcnow() - timedelta(seconds=age_s)))
+
+
+def test_orphan_check_uses_worker_identity_not_bare_pid(engine: Engine) -> None:
+    from heft_common.process import parse_worker_id, worker_identity
+
+    mine = str(worker_identity())
+    gone = parse_worker_id(_identity_of_exited_process())
+    # A previous PID 1 of this very namespace (a restarted container's old worker): PID 1 is alive, but
+    # it is another process now (another start time).
+    old_pid1 = ":".join([gone.boot_id, gone.host, gone.pid_namespace, "1", "1", gone.instance])
+    rebooted = ":".join(["another-boot", gone.host, gone.pid_namespace, str(os.getpid()), gone.start_ticks, "x"])
+    elsewhere = ":".join([gone.boot_id, "another-host", "1", "1", "1", "x"])
+    runs = {name: _running_run(engine, name=name) for name in ("old-pid1", "rebooted", "mine", "elsewhere",
+                                                                  "elsewhere-stale", "mine-stale")}
+    _with_worker(engine, runs["old-pid1"].id, old_pid1, 1)
+    _with_worker(engine, runs["rebooted"].id, rebooted, os.getpid())
+    _with_worker(engine, runs["mine"].id, mine, os.getpid())
+    _with_worker(engine, runs["elsewhere"].id, elsewhere, 1)
+    _with_worker(engine, runs["elsewhere-stale"].id, elsewhere, 1, age_s=600)
+    _with_worker(engine, runs["mine-stale"].id, mine, os.getpid(), age_s=600)  # alive, only slow to heartbeat
+
+    marked = queries.mark_orphans_interrupted(engine, stale_after_s=60)
+    assert sorted(marked) == sorted(runs[n].id for n in ("old-pid1", "rebooted", "elsewhere-stale"))
+    assert "is no longer running" in queries.get_run(engine, runs["old-pid1"].id).error
+    assert "no heartbeat" in queries.get_run(engine, runs["elsewhere-stale"].id).error
+    for name in ("mine", "elsewhere", "mine-stale"):
+        assert queries.get_run(engine, runs[name].id).status == "running", name
+
+
+def test_claim_records_the_worker_id(engine: Engine) -> None:
+    from heft_common.process import worker_alive, worker_identity
+
+    _new_run(engine)
+    worker_id = str(worker_identity())
+    claimed = queries.claim_next_run(engine, os.getpid(), worker_id=worker_id)
+    assert claimed.worker_id == worker_id and worker_alive(claimed.worker_id) is True
+    external = queries.start_external_run(engine, worker_pid=os.getpid(), name="bench", method="lora", config={},
+                                          base_model="m", data_source="d")
+    assert worker_alive(external.worker_id) is True  # a process training its own run gets an id too
+
+
+def test_stuck_run_is_cancelled_at_once(engine: Engine) -> None:
+    from heft_common.process import parse_worker_id, worker_identity
+
+    gone = parse_worker_id(_identity_of_exited_process())
+    stuck = _running_run(engine, name="stuck")
+    _with_worker(engine, stuck.id, str(gone), 1)
+    silent = _running_run(engine, name="silent")
+    _with_worker(engine, silent.id, ":".join([gone.boot_id, "another-host", "1", "1", "1", "x"]), 1, age_s=600)
+    alive = _running_run(engine, name="alive")
+    _with_worker(engine, alive.id, str(worker_identity()), os.getpid())
+
+    for run in (stuck, silent):
+        assert queries.request_cancel(engine, run.id) == "cancelled"
+        done = queries.get_run(engine, run.id)
+        assert done.status == "cancelled" and done.finished_at is not None
+        assert "worker" in done.error
+    assert queries.request_cancel(engine, alive.id) == "cancel_requested"  # its worker stops it
+    assert queries.get_run(engine, alive.id).status == "running"
+    # A cancel asked of a run whose worker then dies ends cancelled, not interrupted.
+    _with_worker(engine, alive.id, str(gone), 1)
+    assert queries.mark_orphans_interrupted(engine) == [alive.id]
+    assert queries.get_run(engine, alive.id).status == "cancelled"
+
+
+# --------------------------------------------------------------------------- issue 13: damaged files
+
+
+def _damaged_db(db_path: Path, keep_wal: bool) -> None:
+    """A real database, half of whose main file is then lost (its WAL kept or not)."""
+    engine = open_db(db_path)
+    for i in range(20):
+        run = _new_run(engine, name=f"run {i}", config={"pad": "x" * 4000})
+        queries.add_step_metrics(engine, run.id, [{"stage": "lora", "step": s, "loss": 0.5} for s in range(100)])
+    with engine.connect() as conn:
+        conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    _new_run(engine, name="after the checkpoint")
+    if not keep_wal:
+        engine.dispose()
+        assert not db_path.with_name(db_path.name + "-wal").exists()
+    else:
+        assert db_path.with_name(db_path.name + "-wal").stat().st_size > 0
+    with open(db_path, "r+b") as fh:
+        fh.truncate(db_path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("keep_wal", [True, False], ids=["with-wal", "without-wal"])
+def test_damaged_database_is_refused_untouched(tmp_path: Path, keep_wal: bool) -> None:
+    import shutil
+
+    from heft_common.errors import StoreError
+    from storage.db import DamagedStoreError
+
+    original = tmp_path / "original" / "heft.db"
+    _damaged_db(original, keep_wal)
+    db_path = tmp_path / "home" / "heft.db"  # opened by a fresh process would see exactly these files
+    shutil.copytree(original.parent, db_path.parent)
+    # The database and its WAL hold the data (-shm is SQLite's shared-memory index, rebuilt by any reader).
+    before = {p.name: _sha(p) for p in db_path.parent.iterdir() if not p.name.endswith("-shm")}
+    with pytest.raises(DamagedStoreError) as caught:
+        open_db(db_path)
+    assert isinstance(caught.value, StoreError)
+    message = str(caught.value)
+    assert str(db_path) in message and "damaged" in message and "python -m storage.rebuild --move-aside" in message
+    assert "run directories" in message
+    after = {p.name: _sha(p) for p in db_path.parent.iterdir() if p.name in before}
+    assert after == before  # nothing written into the database or its WAL
+
+
+def test_rebuild_restores_runs_and_reports_what_it_skipped(tmp_path: Path) -> None:
+    import json
+
+    from storage.rebuild import REGISTRY_FILE, rebuild
+
+    home = tmp_path / "home"
+    runs = home / "runs"
+    config = {"method": "lora", "model": "m", "data": "d", "name": ""}
+    finished = runs / "000007-aaaaaaaa"
+    finished.mkdir(parents=True)
+    (finished / "run.json").write_text(json.dumps({
+        "format": 1, "config": config, "eval_signature": "SIG",
+        "result": {"status": "completed", "accuracy": 0.75, "accuracy_ci": [0.6, 0.85], "eval_n": 40,
+                   "train_seconds": 3.5, "tokens_per_second": 100.0, "trainable_params": 12,
+                   "trainable_params_by_stage": {"lora": 12}}}))
+    (finished / "metrics.jsonl").write_text("".join(json.dumps(
+        {"stage": "lora", "epoch": s / 4, "step": s, "total_steps": 4, "loss": 1 / s, "learning_rate": 0.1,
+         "tokens_per_second": 5.0, "elapsed_seconds": s}) + "\n" for s in range(1, 5)))
+    (finished / "evals.json").write_text(json.dumps(
+        [{"stage": "lora", "epoch": 1, "cumulative_epoch": 1, "accuracy": 0.75, "low": 0.6, "high": 0.85, "n": 40}]))
+    (finished / REGISTRY_FILE).write_text(json.dumps({"id": 7, "name": "my lora", "batch_id": "B", "config": config}))
+    failed = runs / "000007-bbbbbbbb"  # a second database also had a run 7: it gets a new id
+    failed.mkdir()
+    (failed / REGISTRY_FILE).write_text(json.dumps({"id": 7, "name": "broke", "method": "lora", "config": config}))
+    (failed / "error.txt").write_text("data: no such file")
+    unfinished = runs / "000009"
+    unfinished.mkdir()
+    (unfinished / REGISTRY_FILE).write_text(json.dumps({"id": 9, "name": "cut off", "config": config}))
+    (runs / "000010").mkdir()
+    (runs / "000010" / "run.json").write_text("{ not json")
+    (runs / "stray").mkdir()
+
+    report = rebuild(home)
+    engine = open_db(home / "heft.db")
+    restored = {run.name: run for run in queries.list_runs(engine)}
+    assert set(restored) == {"my lora", "broke", "cut off"}
+    lora = restored["my lora"]
+    assert (lora.id, lora.status, lora.accuracy) == (7, "completed", 0.75)
+    assert (lora.eval_signature, lora.batch_id) == ("SIG", "B")
+    assert lora.trainable_params_by_stage == {"lora": 12}
+    assert [m["step"] for m in queries.metrics_since(engine, 7)] == [1, 2, 3, 4]
+    assert [(e["accuracy"], e["accuracy_low"]) for e in queries.evaluations(engine, 7)] == [(0.75, 0.6)]
+    assert restored["broke"].id not in (7, 9) and restored["broke"].status == "failed"
+    assert restored["broke"].error == "data: no such file"
+    assert restored["cut off"].id == 9 and restored["cut off"].status == "interrupted"
+    assert set(report.skipped) == {"000010", "stray"} and "JSON" in report.skipped["000010"]
+    from heft_common.errors import StoreError
+
+    with pytest.raises(StoreError, match="move-aside"):
+        rebuild(home)
+
+
+# --------------------------------------------------------------------------- issue 13: run directories
+
+
+def test_artifact_dirs_are_stored_relative_and_found_in_a_moved_home(tmp_path: Path, monkeypatch) -> None:
+    old_home, new_home = tmp_path / "old-home", tmp_path / "new-home"
+    monkeypatch.setenv("HEFT_HOME", str(old_home))
+    engine = open_db(old_home / "heft.db")
+    current = _running_run(engine, name="relative")
+    current_dir = old_home / "runs" / "000001-abcdef12"
+    current_dir.mkdir(parents=True)
+    queries.set_artifact_dir(engine, current.id, current_dir)
+    legacy = _running_run(engine, name="legacy absolute")
+    legacy_dir = old_home / "runs" / "000002"
+    legacy_dir.mkdir()
+    with engine.begin() as conn:  # as an older release stored it
+        conn.execute(update(Run.__table__).where(Run.__table__.c.id == legacy.id).values(artifact_dir=str(legacy_dir)))
+    outside = tmp_path / "elsewhere" / "run"
+    outside.mkdir(parents=True)
+    kept = _running_run(engine, name="outside the home")
+    queries.set_artifact_dir(engine, kept.id, outside)
+    assert _count(old_home / "heft.db", "SELECT count(*) FROM run WHERE artifact_dir=?", "runs/000001-abcdef12") == 1
+    assert queries.get_run(engine, current.id).artifact_dir == str(current_dir)
+    assert queries.run_with_artifact_dir(engine, current_dir).id == current.id
+    engine.dispose()
+
+    os.rename(old_home, new_home)
+    monkeypatch.setenv("HEFT_HOME", str(new_home))
+    engine = open_db(new_home / "heft.db")
+    assert queries.get_run(engine, current.id).artifact_dir == str(new_home / "runs" / "000001-abcdef12")
+    assert queries.get_run(engine, legacy.id).artifact_dir == str(new_home / "runs" / "000002")
+    assert queries.get_run(engine, kept.id).artifact_dir == str(outside)
+    assert {r.artifact_dir for r in queries.list_runs(engine)} >= {str(new_home / "runs" / "000002")}
+    assert queries.run_with_artifact_dir(engine, new_home / "runs" / "000001-abcdef12").id == current.id
+
+
+def test_delete_reports_what_happened_to_the_files(engine: Engine, tmp_path: Path) -> None:
+    home = tmp_path / "data"
+    (home / "runs" / "inside").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+
+    def finished(artifact: Path | None) -> int:
+        run = _running_run(engine)
+        if artifact is not None:
+            queries.set_artifact_dir(engine, run.id, artifact)
+        queries.finish_run(engine, run.id, "failed")
+        return run.id
+
+    deleted = queries.delete_run_report(engine, finished(home / "runs" / "inside"), home)
+    assert deleted.files == "deleted" and not (home / "runs" / "inside").exists()
+    kept = queries.delete_run_report(engine, finished(outside), home)
+    assert kept.files == "kept" and "not inside" in kept.reason and outside.is_dir()
+    gone = queries.delete_run_report(engine, finished(home / "runs" / "never-made"), home)
+    assert gone.files == "missing"
+    nothing = queries.delete_run_report(engine, finished(None), home)
+    assert nothing.files == "none" and nothing.path is None
+    assert queries.delete_run_report(engine, 9999, home) is None

@@ -85,7 +85,8 @@ def test_run_completes_with_metrics_evals_and_log(home, tiny_model, data_dir):
 def test_killed_child_fails_with_message_keeps_metrics_and_next_run_starts(home, tiny_model, data_dir):
     db = home / "heft.db"
     engine = open_db(db)
-    long_run, next_run = service.submit_runs(engine, [config(tiny_model, data_dir, epochs=50), config(tiny_model, data_dir)])
+    long_run, next_run = service.submit_runs(engine, [config(tiny_model, data_dir, epochs=50),
+                                                      config(tiny_model, data_dir)])
     worker = start_worker(db)
     try:
         wait_for(lambda: len(queries.metrics_since(engine, long_run.id)) >= 5)
@@ -104,9 +105,11 @@ def test_killed_child_fails_with_message_keeps_metrics_and_next_run_starts(home,
 def test_killed_worker_orphan_is_marked_interrupted_and_nothing_runs_twice(home, tiny_model, data_dir):
     db = home / "heft.db"
     engine = open_db(db)
-    orphan, waiting = service.submit_runs(engine, [config(tiny_model, data_dir, epochs=50), config(tiny_model, data_dir)])
+    orphan, waiting = service.submit_runs(engine, [config(tiny_model, data_dir, epochs=50),
+                                                   config(tiny_model, data_dir)])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    worker_process = subprocess.Popen([sys.executable, "-m", "app.worker", "--db", str(db), "--poll-seconds", "0.1"], cwd=ROOT, env=env,
+    command = [sys.executable, "-m", "app.worker", "--db", str(db), "--poll-seconds", "0.1"]
+    worker_process = subprocess.Popen(command, cwd=ROOT, env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: len(queries.metrics_since(engine, orphan.id)) >= 3)
@@ -147,7 +150,8 @@ def _alive(pid: int) -> bool:
 def test_cancel_queued_and_running(home, tiny_model, data_dir):
     db = home / "heft.db"
     engine = open_db(db)
-    running, queued = service.submit_runs(engine, [config(tiny_model, data_dir, "heft", epochs=30), config(tiny_model, data_dir)])
+    running, queued = service.submit_runs(engine, [config(tiny_model, data_dir, "heft", epochs=30),
+                                                   config(tiny_model, data_dir)])
     worker = start_worker(db)
     try:
         wait_for(lambda: len(queries.metrics_since(engine, running.id)) >= 3)
@@ -201,7 +205,8 @@ def test_two_workers_never_run_the_same_run(home, tiny_model, data_dir):
 def test_bad_config_is_rejected_when_queued(home, tiny_model, data_dir, tmp_path):
     engine = open_db(home / "heft.db")
     with pytest.raises(ConfigError, match="reft.layers"):
-        service.submit_runs(engine, [config(tiny_model, data_dir), RunConfig(method="reft", model=tiny_model, data=data_dir, reft=ReftSettings(layers=[40]))])
+        too_deep = RunConfig(method="reft", model=tiny_model, data=data_dir, reft=ReftSettings(layers=[40]))
+        service.submit_runs(engine, [config(tiny_model, data_dir), too_deep])
     from heft_core.data import DataError
 
     with pytest.raises(DataError):

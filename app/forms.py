@@ -1,0 +1,547 @@
+"""The training form as plain data: its fields by name, presets, the RunConfigs it builds, field messages.
+
+A form is a dict keyed by field name. A field that sets a run option is named by the option's
+dotted ``RunConfig`` name (``"lora.rank"``, ``"reft.layers"``, ``"lora_stage.epochs"``; ``"*.x"``
+sets ``x`` of both stages, as the CLI's flags do) and parsed by its entry in
+:data:`CONFIG_FIELDS`. A few fields are the form's own (which method or batch, where the data
+comes from). Nothing here depends on the order of fields, and nothing imports Gradio: the UI
+(``app.ui.train``) registers one component per field under the same name.
+
+Adding a run option: its field in ``heft_core.config``, its parser in :data:`CONFIG_FIELDS`,
+its component in ``app/ui/train.py`` (and its value in the presets, if they should set it).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from app.present import HUB_BOOLQ_SOURCES, METHOD_STAGES, error, format_int, model_label
+from heft_common.errors import ConfigError, DataError, HeftError, ModelLoadError
+from heft_common.vocabulary import (
+    DEFAULT_HUB_DATASET,
+    EMBEDDED_MODEL,
+    HUB_DATA,
+    HUB_PREFIX,
+    METHOD_DESCRIPTIONS,
+    METHOD_TITLES,
+    SYNTHETIC_DATA,
+    TRAINED_METHODS,
+)
+from heft_core.config import RunConfig, parse_layers, parse_positions
+from heft_core.estimates import LLAMA2_7B, lora_params, model_shape, reft_params
+from heft_core.hardware import cpu_has_native_bf16
+
+# --------------------------------------------------------------------------- choices
+
+EMBEDDED_LABEL = "SmolLM2-135M-Instruct (embedded, offline)"
+PAPER_MODEL = LLAMA2_7B
+MODEL_CHOICES = [(EMBEDDED_LABEL, EMBEDDED_MODEL), (f"{PAPER_MODEL} (hub, GPU)", PAPER_MODEL)]
+
+DATA_SYNTHETIC = "Synthetic (offline, NOT BoolQ)"
+DATA_HUB = f"BoolQ from the hub ({DEFAULT_HUB_DATASET})"
+DATA_LOCAL = "Local BoolQ directory"
+DATA_UPLOAD = "Upload file"
+DATA_KINDS = [DATA_SYNTHETIC, DATA_HUB, DATA_LOCAL, DATA_UPLOAD]
+UPLOAD_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+
+BATCH = "all"  # the method choice that queues one run per trained method, as one comparison batch
+METHOD_LABELS = {
+    "lora": METHOD_TITLES["lora"],
+    "reft": METHOD_TITLES["reft"],
+    "heft": METHOD_DESCRIPTIONS["heft"],
+    BATCH: "Compare all three (one batch)",
+}
+METHOD_BY_LABEL = {label: code for code, label in METHOD_LABELS.items()}
+LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# Known dataset sizes, so estimates work without loading the data.
+SYNTHETIC_SIZES = (800, 200)  # heft_core.data.load_data's default synthetic_size
+HUB_BOOLQ_SIZES = (9427, 3270)
+# CPU throughput of the embedded model measured on 2 cores (forward + backward).
+EMBEDDED_CPU_TOKENS_PER_SECOND = 120
+
+# --------------------------------------------------------------------------- field parsers
+
+Parser = Callable[[Any, str], Any]
+
+
+def _is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
+def whole(value: Any, option: str) -> int:
+    """A whole number from a number box (which sends floats, or None when empty)."""
+    if _is_empty(value):
+        raise ConfigError(option, "is empty; enter a whole number")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(option, f"{value!r} is not a number") from None
+    if not number.is_integer():
+        raise ConfigError(option, f"must be a whole number, got {value!r}")
+    return int(number)
+
+
+def whole_or_all(value: Any, option: str) -> int | None:
+    """A subset size: empty or 0 means every row (None)."""
+    return None if _is_empty(value) else whole(value, option) or None
+
+
+def number(value: Any, option: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(option, f"{value!r} is not a number") from None
+
+
+def flag(value: Any, option: str) -> bool:
+    return bool(value)
+
+
+def text(default: str) -> Parser:
+    """Free text or a choice; an empty field means ``default``."""
+    return lambda value, option: str(value or default)
+
+
+def modules(value: Any, option: str) -> list[str]:
+    """Ticked module names, or a comma-separated string of them."""
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return list(value or [])
+
+
+def layers_or_every(value: Any, option: str) -> str | None:
+    """A LoRA layer subset; empty or "all" means every layer (None)."""
+    chosen = str(value or "").strip()
+    return chosen if chosen and chosen.lower() != "all" else None
+
+
+# Every form field that sets a run option, by its dotted RunConfig name ("*." = both stages).
+CONFIG_FIELDS: dict[str, Parser] = {
+    "lora.rank": whole,
+    "lora.alpha": number,
+    "lora.dropout": number,
+    "lora.target_modules": modules,
+    "lora.layers": layers_or_every,
+    "reft.rank": whole,
+    "reft.layers": text("all"),
+    "reft.positions": text(""),
+    "reft.share_weights": flag,
+    "reft.dropout": number,
+    "lora_stage.epochs": whole,
+    "reft_stage.epochs": whole,
+    "lora_stage.learning_rate": number,
+    "reft_stage.learning_rate": number,
+    "*.batch_size": whole,
+    "*.grad_accum": whole,
+    "*.warmup_ratio": number,
+    "*.weight_decay": number,
+    "*.scheduler": text("linear"),
+    "max_length": whole,
+    "train_size": whole_or_all,
+    "eval_size": whole_or_all,
+    "seed": whole,
+    "heft_stage2_mode": text("adapter"),
+    "precision": text("auto"),
+}
+# The form's own fields: read by form_to_configs itself.
+FORM_ONLY_FIELDS = ("model", "data_kind", "data_local", "method", "include_base", "name")
+FORM_FIELDS: tuple[str, ...] = FORM_ONLY_FIELDS + tuple(CONFIG_FIELDS)
+"""Every field a preset sets (all of them). The uploaded file's path is not one: a preset keeps it."""
+UPLOAD_FIELD = "data_upload"
+STAGES = ("lora_stage", "reft_stage")
+
+
+def _option_paths(name: str) -> list[list[str]]:
+    """"lora.rank" -> [["lora", "rank"]]; "*.batch_size" -> one path per stage."""
+    head, _, rest = name.partition(".")
+    if head == "*":
+        return [[stage, *rest.split(".")] for stage in STAGES]
+    return [name.split(".")]
+
+
+def get_option(config: RunConfig, name: str) -> Any:
+    """The value of a dotted option in a config ("*.x": the first stage's)."""
+    value: Any = config
+    for part in _option_paths(name)[0]:
+        value = getattr(value, part)
+    return value
+
+
+def set_option(tree: dict[str, Any], name: str, value: Any) -> None:
+    """Set a dotted option in a nested dict of RunConfig fields."""
+    for path in _option_paths(name):
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = copy.copy(value)
+
+
+def _form_value(value: Any) -> Any:
+    """A config value as its form field shows it."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ",".join(map(str, value)) if value and all(isinstance(v, int) for v in value) else list(value)
+    return value
+
+
+# --------------------------------------------------------------------------- default form and presets
+
+
+def default_local_dir() -> str:
+    from heft_core.data import local_boolq_dir
+
+    found = local_boolq_dir()
+    return str(found) if found else ""
+
+
+def default_form() -> dict[str, Any]:
+    """The form as it opens: RunConfig's own defaults, the embedded model, synthetic data."""
+    config = RunConfig()
+    form: dict[str, Any] = {
+        "model": EMBEDDED_MODEL,
+        "data_kind": DATA_SYNTHETIC,
+        "data_local": default_local_dir(),
+        "method": METHOD_LABELS[config.method],
+        "include_base": False,
+        "name": "",
+    }
+    form.update({name: _form_value(get_option(config, name)) for name in CONFIG_FIELDS})
+    return form
+
+
+PRESET_QUICK = "Quick CPU demo (embedded model, synthetic data, a few minutes)"
+PRESET_PAPER = "Paper setting (Llama-2-7B, BoolQ, GPU)"
+PRESETS = (PRESET_QUICK, PRESET_PAPER)
+
+
+def _preset_values(name: str) -> dict[str, Any]:
+    if name == PRESET_QUICK:
+        return {
+            "model": EMBEDDED_MODEL, "data_kind": DATA_SYNTHETIC, "method": METHOD_LABELS["heft"],
+            "include_base": False, "name": "",
+            "lora.rank": 8, "lora.alpha": 16.0, "lora.dropout": 0.05, "lora.target_modules": ["q_proj", "v_proj"],
+            "lora.layers": "",
+            "reft.rank": 4, "reft.layers": "8,16,24", "reft.positions": "l1", "reft.share_weights": True,
+            "reft.dropout": 0.05,
+            "lora_stage.epochs": 3, "reft_stage.epochs": 1, "lora_stage.learning_rate": 1e-3,
+            "reft_stage.learning_rate": 1e-3,
+            "*.batch_size": 8, "*.grad_accum": 1, "*.warmup_ratio": 0.1, "*.weight_decay": 0.0, "*.scheduler": "linear",
+            "max_length": 128, "train_size": 128, "eval_size": 64, "seed": 42, "heft_stage2_mode": "adapter",
+            "precision": "bf16" if cpu_has_native_bf16() else "auto",
+        }
+    if name == PRESET_PAPER:
+        return {
+            "model": PAPER_MODEL, "data_kind": DATA_HUB, "method": METHOD_LABELS["heft"], "include_base": False,
+            "name": "",
+            "lora.rank": 8, "lora.alpha": 16.0, "lora.dropout": 0.05,
+            "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "lora.layers": "",
+            "reft.rank": 8, "reft.layers": "all", "reft.positions": "f7+l7", "reft.share_weights": False,
+            "reft.dropout": 0.05,
+            "lora_stage.epochs": 1, "reft_stage.epochs": 2, "lora_stage.learning_rate": 2e-4,
+            "reft_stage.learning_rate": 9e-4,
+            "*.batch_size": 16, "*.grad_accum": 2, "*.warmup_ratio": 0.06, "*.weight_decay": 0.0,
+            "*.scheduler": "linear",
+            "max_length": 512, "train_size": 0, "eval_size": 0, "seed": 42, "heft_stage2_mode": "adapter",
+            "precision": "bf16",
+        }
+    raise ConfigError("preset", f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+
+
+def preset_form(name: str) -> dict[str, Any]:
+    """A complete form for a preset: every field of FORM_FIELDS is set, nothing is hidden."""
+    form = default_form()
+    form.update(_preset_values(name))
+    return form
+
+
+PRESET_NOTES = {
+    PRESET_QUICK: (
+        "**Quick CPU demo.** The embedded SmolLM2-135M on 128 synthetic training questions: HEFT with three LoRA "
+        "epochs (rank 8 on q/v, lr 1e-3) then one ReFT epoch (rank 4 on layers 8, 16, 24 at the last prompt token, "
+        "lr 1e-3), max length 128, evaluated on 64 questions after every epoch; bf16 autocast where the CPU has bf16 "
+        "units (AMX), else fp32. A few minutes on 2 CPU cores; measured here: 56% → 77% → 78% over the LoRA epochs and "
+        "81% after the ReFT epoch, against 50% zero-shot. Synthetic data is **not BoolQ**: use it to see the pipeline "
+        "work, not to judge methods."
+    ),
+    PRESET_PAPER: (
+        "**Paper setting.** arXiv 2509.09801 reports Llama-2-7B on BoolQ: HEFT 3 epochs 85.17%, LoRA 20 epochs 85.05%, "
+        "ReFT 20 epochs 83.36%, but gives no hyperparameters. Our choices, to edit freely: HEFT = 1 LoRA epoch + "
+        "2 ReFT epochs (3 in total, as in the paper); LoRA rank 8, alpha 16 on q/k/v/o (peft's common default), "
+        "lr 2e-4; LoReFT rank 8 on all 32 layers at the first 7 + last 7 prompt tokens with separate weights "
+        "(pyreft's BoolQ recipe), lr 9e-4; batch 16 × 2 accumulation, warmup 6%, max length 512, bf16; full train "
+        "set (9,427) and full validation set (3,270). Needs a GPU with ~24 GB and access to the gated model on the hub."
+    ),
+}
+
+
+# --------------------------------------------------------------------------- form -> configs
+
+
+def method_codes(label: str) -> list[str]:
+    """The methods a method choice trains: one, or every trained method for the batch choice."""
+    code = METHOD_BY_LABEL.get(label, str(label).lower())
+    if code == BATCH:
+        return list(TRAINED_METHODS)
+    if code not in TRAINED_METHODS:
+        raise ConfigError("method", f"must be one of {', '.join(METHOD_LABELS.values())}, got {label!r}")
+    return [code]
+
+
+@dataclass(frozen=True)
+class MethodParts:
+    """Which parts of the form a method choice uses (the UI hides or locks the others)."""
+
+    lora: bool
+    reft: bool
+    heft: bool
+    batch: bool
+
+
+def method_parts(label: str | None) -> MethodParts:
+    codes = method_codes(label) if label else ["heft"]
+    stages = {stage for code in codes for stage in METHOD_STAGES[code]}
+    return MethodParts(lora="lora" in stages, reft="reft" in stages, heft="heft" in codes, batch=len(codes) > 1)
+
+
+def data_source(data_kind: str, data_local: str | None = None, upload_path: str | None = None) -> str:
+    """The ``RunConfig.data`` string for the form's data choice."""
+    if data_kind == DATA_SYNTHETIC:
+        return SYNTHETIC_DATA
+    if data_kind == DATA_HUB:
+        return HUB_DATA
+    if data_kind == DATA_LOCAL:
+        path = (data_local or "").strip()
+        if not path:
+            raise ConfigError("data", "enter the path of a local BoolQ directory (train.jsonl + validation.jsonl) "
+                                      "or file")
+        return path
+    if data_kind == DATA_UPLOAD:
+        if not upload_path:
+            raise ConfigError("data", "upload a .jsonl, .json, .csv or .parquet file first")
+        return str(upload_path)
+    raise ConfigError("data", f"choose one of: {', '.join(DATA_KINDS)}")
+
+
+def form_to_configs(form: Mapping[str, Any], upload_path: str | None = None) -> list[RunConfig]:
+    """The RunConfig(s) the form describes: one, or lora+reft+heft (plus base) for a comparison batch.
+
+    ``upload_path`` defaults to the form's ``data_upload`` field. Raises ConfigError naming the
+    option (static checks only; model and data checks are ``app.service.check_config``'s job).
+    """
+    methods = method_codes(form.get("method", ""))
+    model = str(form.get("model") or "").strip()
+    if not model:
+        raise ConfigError("model", "choose the embedded model or enter a hub id or local directory")
+    upload = upload_path if upload_path is not None else form.get(UPLOAD_FIELD)
+    data = data_source(form.get("data_kind", ""), form.get("data_local"), upload or None)
+    options: dict[str, Any] = {}
+    for name, parse in CONFIG_FIELDS.items():
+        if name in form:
+            set_option(options, name, parse(form[name], name))
+    lora = options.setdefault("lora", {})
+    if not lora.get("target_modules"):
+        if any("lora" in METHOD_STAGES[m] for m in methods):
+            raise ConfigError("lora.target_modules", "tick at least one module to adapt")
+        lora["target_modules"] = ["q_proj"]  # unused by ReFT-only runs, but LoraSettings needs one
+    runs = list(methods)
+    if form.get("include_base") and len(methods) > 1:
+        runs.append("base")
+    name = str(form.get("name") or "").strip()
+    configs = []
+    for method in runs:
+        run_name = f"{name} · {METHOD_TITLES[method]}" if name and len(runs) > 1 else name
+        configs.append(RunConfig.from_dict({**copy.deepcopy(options), "method": method, "model": model, "data": data,
+                                            "name": run_name}))
+    return configs
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _reason(exc: HeftError) -> str:
+    """A ConfigError's message without its option name."""
+    return exc.detail if isinstance(exc, ConfigError) else str(exc)
+
+
+def _error_parts(exc: BaseException) -> tuple[str, str]:
+    """(heading, detail) of an error a form or an API call can raise."""
+    if isinstance(exc, ConfigError):
+        return f"Invalid option `{exc.option}`", exc.detail
+    if isinstance(exc, DataError):
+        return "Data source problem", str(exc)
+    if isinstance(exc, ModelLoadError):
+        return "Model problem", str(exc)
+    return "Error", str(exc).strip() or type(exc).__name__
+
+
+def error_message(exc: BaseException) -> str:
+    """A readable one-paragraph Markdown message for the errors a form or an API call can raise."""
+    heading, detail = _error_parts(exc)
+    return f"**{heading}** — {html.escape(detail, quote=False)}"
+
+
+def error_text(exc: BaseException) -> str:
+    """The same message as plain text, for API answers."""
+    heading, detail = _error_parts(exc)
+    return f"{heading} — {detail}".replace("`", "")
+
+
+def epochs_message(form: Mapping[str, Any]) -> str:
+    """The epoch count of the chosen method, e.g. "HEFT: total = E1 + E2 = 1 + 2 = 3 epochs"."""
+    try:
+        codes = method_codes(form.get("method", ""))
+        e1 = whole(form.get("lora_stage.epochs"), "lora_stage.epochs")
+        e2 = whole(form.get("reft_stage.epochs"), "reft_stage.epochs")
+    except ConfigError:
+        return ""
+    parts = []
+    for code in codes:
+        if code == "heft":
+            parts.append(f"HEFT: total = E1 + E2 = {e1} + {e2} = **{e1 + e2} epochs**")
+        elif code == "lora":
+            parts.append(f"LoRA: **{e1}** epoch{'s' if e1 != 1 else ''} (E1)")
+        else:
+            parts.append(f"ReFT: **{e2}** epoch{'s' if e2 != 1 else ''} (E2)")
+    return " · ".join(parts)
+
+
+def positions_message(text: str) -> str:
+    """Live check of the ReFT positions field."""
+    try:
+        first, last = parse_positions(text)
+    except ConfigError as exc:
+        return error(_reason(exc))
+    parts = []
+    if first:
+        parts.append(f"first {first}")
+    if last:
+        parts.append(f"last {last}")
+    message = f"✓ intervenes on the {' and '.join(parts)} prompt token{'s' if first + last > 1 else ''}"
+    if first:
+        return message + (" · last-only positions (e.g. l1) train faster: the prompt before them is computed once, "
+                          "not every epoch")
+    return message + " · fast path: the prompt before them is computed once and reused in later epochs"
+
+
+def layers_message(text: str, num_layers: int | None) -> str:
+    """Live check of a layer list against the model's depth."""
+    try:
+        layers = parse_layers(text)
+    except ConfigError as exc:
+        return error(_reason(exc))
+    if num_layers is None:
+        return ""
+    if layers == "all":
+        return f"✓ all {num_layers} layers (valid: 0..{num_layers - 1})"
+    bad = [layer for layer in layers if layer >= num_layers]
+    if bad:
+        return error(f"{bad} outside the model's depth; valid layers are 0..{num_layers - 1}")
+    return f"✓ {len(layers)} of {num_layers} layers (valid: 0..{num_layers - 1})"
+
+
+@dataclass(frozen=True)
+class ModelFields:
+    """What the form shows for a chosen model: its linear modules, the targets to keep ticked, a summary."""
+
+    modules: list[str]
+    targets: list[str]
+    summary: str
+    layers_message: str
+
+
+def model_fields(model_ref: str, current_targets: list[str] | None, layers_text: str) -> ModelFields:
+    """Read the model's shape (config only) for the LoRA targets and the layer check; raises HeftError."""
+    shape = model_shape(model_ref)
+    names = sorted(shape["linear"])
+    kept = ([m for m in (current_targets or []) if m in names] or [m for m in ("q_proj", "v_proj") if m in names]
+            or names[:1])
+    summary = (f"{html.escape(model_label(model_ref), quote=False)}: {shape['num_layers']} layers (valid indices "
+               f"0..{shape['num_layers'] - 1}), hidden size {shape['hidden_size']}, linear layers: {', '.join(names)}")
+    return ModelFields(names, kept, summary, layers_message(layers_text, shape["num_layers"]))
+
+
+def model_depth(model_ref: str) -> int | None:
+    """The model's number of layers, or None while it cannot be read."""
+    try:
+        return model_shape((model_ref or "").strip())["num_layers"]
+    except HeftError:
+        return None
+
+
+# --------------------------------------------------------------------------- estimates
+
+
+@functools.lru_cache(maxsize=32)
+def _local_counts(path: str, mtime: float) -> tuple[int, int]:
+    from heft_core.data import load_data
+
+    splits = load_data(path)
+    return len(splits.train), len(splits.validation)
+
+
+def data_counts(source: str) -> tuple[int, int] | None:
+    """(train rows, validation rows) of a data source, or None if unknown without the hub."""
+    if source == SYNTHETIC_DATA:
+        return SYNTHETIC_SIZES
+    if source in HUB_BOOLQ_SOURCES:
+        return HUB_BOOLQ_SIZES
+    if source.startswith(HUB_PREFIX):
+        return None
+    path = Path(source).expanduser()
+    try:
+        return _local_counts(str(path.resolve()), path.stat().st_mtime)
+    except (HeftError, OSError):  # not readable (yet): the estimate goes without row counts
+        return None
+
+
+def estimate_markdown(form: Mapping[str, Any], upload_path: str | None = None) -> str:
+    """Trainable parameters per stage, examples x epochs and optimizer steps for the form."""
+    try:
+        configs = form_to_configs(form, upload_path)
+        shape = model_shape(configs[0].model)
+    except HeftError as exc:
+        return f"*Estimate unavailable:* {error_message(exc)}"
+    counts = data_counts(configs[0].data)
+    rows = ["| run | stage | trainable params | examples × epochs | optimizer steps |", "|:--|:--|--:|--:|--:|"]
+    total_seconds = 0.0
+    for config in configs:
+        if config.method == "base":
+            rows.append(f"| {METHOD_DESCRIPTIONS['base']} | — | 0 | — | 0 |")
+            continue
+        n_train = config.train_size
+        if counts is not None:
+            n_train = min(n_train, counts[0]) if n_train else counts[0]
+        for stage, settings in config.stages():
+            if stage == "lora":
+                params = lora_params(shape, config.lora.rank, config.lora.target_modules, config.lora.layers)
+            else:
+                layers = config.reft.resolved_layers(shape["num_layers"])
+                params = reft_params(shape["hidden_size"], config.reft.rank, len(layers), config.reft.positions,
+                                     config.reft.share_weights)
+            if n_train:
+                steps = format_int(settings.optimizer_steps(n_train))
+                work = f"{format_int(n_train)} × {settings.epochs}"
+                total_seconds += n_train * settings.epochs * config.max_length / EMBEDDED_CPU_TOKENS_PER_SECOND
+            else:
+                steps, work = "?", f"all × {settings.epochs}"
+            rows.append(f"| {METHOD_TITLES[config.method]} | {stage} | {format_int(params)} | {work} | {steps} |")
+    lines = ["\n".join(rows)]
+    first = configs[0]
+    if first.method == "heft":
+        lines.append(f"HEFT total = {first.lora_stage.epochs} LoRA + {first.reft_stage.epochs} ReFT = "
+                     f"**{first.total_epochs} epochs**.")
+    if counts is not None:
+        n_eval = min(first.eval_size, counts[1]) if first.eval_size else counts[1]
+        lines.append(f"Evaluation: {format_int(n_eval)} validation questions after every epoch (data has "
+                     f"{format_int(counts[0])} train / {format_int(counts[1])} validation rows).")
+    if first.model.strip().lower() == EMBEDDED_MODEL and total_seconds:
+        lines.append(f"On 2 CPU cores the embedded model needs at most ~{max(1, round(total_seconds / 60))} min of "
+                     f"training (≤ {first.max_length} tokens per question at ~{EMBEDDED_CPU_TOKENS_PER_SECOND} "
+                     "tokens/s), plus evaluation.")
+    return "\n\n".join(lines)

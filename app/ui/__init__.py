@@ -1,0 +1,68 @@
+"""HEFT Studio's Gradio app: four tabs and the named API, composed over one registry of components.
+
+``build_demo(engine)`` returns the Blocks. Each tab module lays out its components (registered
+by name in a :class:`~app.ui.manager.Manager`) and wires its events; handlers call the plain
+modules ``app.forms``, ``app.present`` and ``app.service``. Everything a page shows comes from
+the database or from run directories, so a reload or a second tab shows the same state.
+Named API endpoints (gradio_client): start_run, cancel_run, list_runs, run_detail, ask.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import gradio as gr
+
+from app.ask import AskService
+from app.ui import api, ask, compare, runs, train
+from app.ui.manager import Manager
+from app.ui.style import CSS, THEME
+from heft_common.errors import HeftError
+from heft_common.vocabulary import EMBEDDED_MODEL
+from heft_core.estimates import model_shape
+from storage.db import open_db
+
+logger = logging.getLogger(__name__)
+
+HEADER = (
+    "# HEFT Studio\nTrain **LoRA**, **ReFT** (LoReFT) and **HEFT** (LoRA for E1 epochs, then ReFT on the frozen "
+    "LoRA model for E2 epochs; arXiv 2509.09801) on BoolQ yes/no questions, compare runs with proper statistics, "
+    "and ask all variants the same question. Training runs in a background worker: closing this page does not stop it."
+)
+
+
+def launch_kwargs() -> dict[str, Any]:
+    """theme and css go to launch() in Gradio 6."""
+    return {"theme": THEME, "css": CSS}
+
+
+def _warm(model_ref: str) -> None:
+    try:
+        model_shape(model_ref)  # cached; the form's first estimate and launching a run read it
+    except HeftError as exc:  # only a cache warm-up
+        logger.info("could not read %s's shape in advance: %s", model_ref, exc)
+
+
+def build_demo(engine: Any = None) -> gr.Blocks:
+    engine = engine if engine is not None else open_db()
+    asker = AskService(engine)
+    # Reading the embedded model's shape takes ~10 s the first time; do it before anyone asks.
+    threading.Thread(target=_warm, args=(EMBEDDED_MODEL,), daemon=True, name="heft-warm").start()
+    ui = Manager()
+    with gr.Blocks(title="HEFT Studio", analytics_enabled=False) as demo:
+        gr.Markdown(HEADER, elem_classes="heft-header")
+        with gr.Tabs(selected="train") as tabs:
+            ui.add("tabs", tabs)
+            train.layout(ui)
+            runs.layout(ui)
+            compare.layout(ui)
+            ask.layout(ui)
+        train.wire(ui, engine, demo)
+        runs.wire(ui, engine, demo)
+        compare.wire(ui, engine)
+        ask.wire(ui, engine, asker)
+        api.register(engine, asker)
+    demo.heft_ask_service = asker  # so callers can release the model (demo.heft_ask_service.close())
+    demo.heft_components = ui  # the registry, for tests and tools that drive the page by name
+    return demo
