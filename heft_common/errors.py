@@ -41,3 +41,7 @@ class StoreError(HeftError, RuntimeError):
 
 class AskError(HeftError, ValueError):
     """A question the Ask service cannot answer as posed (empty text, wrong run kind)."""
+
+
+class ExportError(HeftError, ValueError):
+    """A run that cannot be exported or pushed as asked (format, output directory, repo id, token)."""

@@ -1,0 +1,194 @@
+"""Training a whole study in this process, one run after another, into one study directory.
+
+The CLI's ``python -m heft_core study SPEC --out DIR`` calls :func:`run_study_in_process`;
+``study-report DIR`` reads the directory back with :func:`load_study_dir`. The directory holds
+``spec.yaml``, ``study.json`` (the plan and each run's status), ``runs/<NNN-arm-sSEED>/`` run
+directories and the report files (``heft_core.study_report.write_report``); zip it to share it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from heft_common.errors import ConfigError, HeftError, RunLoadError
+from heft_core import stats
+from heft_core.callbacks import TrainerCallback
+from heft_core.config import RunConfig
+from heft_core.study import PlannedRun, StudySpec, check_against_model
+from heft_core.study_report import SPEC_FILE, RunOutcome, StudyReport, study_report, write_report
+
+logger = logging.getLogger(__name__)
+
+STUDY_INDEX_FILE = "study.json"
+RUNS_SUBDIR = "runs"
+
+
+def _write_index(directory: Path, spec: StudySpec, entries: Sequence[Mapping[str, Any]]) -> None:
+    payload = {"name": spec.name, "runs": list(entries)}
+    temporary = directory / f".{STUDY_INDEX_FILE}.tmp"
+    temporary.write_text(json.dumps(payload, indent=2))
+    os.replace(temporary, directory / STUDY_INDEX_FILE)  # a reader never sees half an index
+
+
+def load_study_dir(directory: str | Path) -> tuple[StudySpec, list[RunOutcome]]:
+    """The spec and the recorded outcomes of a study directory written by :func:`run_study_in_process`."""
+    directory = Path(directory)
+    spec = StudySpec.from_file(directory / SPEC_FILE)
+    index_file = directory / STUDY_INDEX_FILE
+    if not index_file.exists():
+        raise RunLoadError(f"{directory} is not a study directory (no {STUDY_INDEX_FILE})")
+    outcomes = []
+    for entry in json.loads(index_file.read_text())["runs"]:
+        cell = {key: entry[key] for key in ("arm", "seed", "grid_point", "method")}
+        if entry["status"] in ("completed", "cancelled"):
+            outcomes.append(RunOutcome.from_run_dir(
+                directory / entry["run_dir"], **cell, status=entry["status"], wall_seconds=entry.get("wall_seconds"),
+                train_examples=entry.get("train_examples"), error=entry.get("error"),
+            ))
+        else:
+            outcomes.append(RunOutcome(**cell, status=entry["status"], error=entry.get("error")))
+    return spec, outcomes
+
+
+class _StepBar(TrainerCallback):
+    """A per-run tqdm bar of optimizer steps, under the study's bar of runs."""
+
+    def __init__(self, enabled: bool, label: str):
+        self.enabled = enabled
+        self.label = label
+        self.bar: Any = None
+
+    def on_train_begin(self, info: dict[str, Any]) -> None:
+        if self.enabled and info.get("total_steps"):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=info["total_steps"], desc=self.label, unit="step", position=1, leave=False)
+
+    def on_step(self, event: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(stage=event.stage, loss=f"{event.loss:.3f}")
+
+    def on_log(self, message: str) -> None:
+        logger.info(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _same_settings(recorded: Mapping[str, Any], planned: RunConfig) -> bool:
+    def learning(config: RunConfig) -> dict[str, Any]:
+        return {k: v for k, v in config.effective_dict().items() if k != "prefix_cache_mb"}
+
+    try:
+        return learning(RunConfig.from_dict(recorded)) == learning(planned)
+    except (ConfigError, TypeError, ValueError):
+        return False
+
+
+def _train_planned(run: PlannedRun, run_dir: Path, splits: Any, train_examples: int, progress: bool) -> RunOutcome:
+    """Train one planned run into ``run_dir``; a failure becomes a failed outcome with its error."""
+    from heft_core.train import train
+
+    step_bar = _StepBar(progress, f"{run.arm} s{run.seed}")
+    cell = {"arm": run.arm, "seed": run.seed, "grid_point": run.grid_point, "method": run.method}
+    started = time.perf_counter()
+    try:
+        result = train(run.config, run_dir, callbacks=[step_bar], data=splits)
+    except Exception as exc:  # one failed run must not end the study; the report names it
+        if isinstance(exc, HeftError):
+            logger.error("%s failed: %s", run.config.name, exc)
+        else:
+            logger.exception("%s failed", run.config.name)
+        return RunOutcome(
+            **cell, status="failed", run_dir=str(run_dir), wall_seconds=time.perf_counter() - started,
+            train_examples=train_examples, error=f"{type(exc).__name__}: {exc}",
+        )
+    finally:
+        step_bar.close()
+    return RunOutcome.from_run_dir(
+        run_dir, **cell, status=result.status, wall_seconds=time.perf_counter() - started, train_examples=train_examples
+    )
+
+
+def run_study_in_process(
+    spec: StudySpec,
+    out_dir: str | Path,
+    *,
+    progress: bool = True,
+    resume: bool = False,
+    data: Any = None,
+    resamples: int = stats.BOOTSTRAP_RESAMPLES,
+) -> StudyReport:
+    """Train every planned run of ``spec`` here, one after another, and write the study directory.
+
+    ``out_dir`` becomes one self-contained directory: ``spec.yaml``, ``study.json`` (the plan
+    and each run's status, rewritten after every run), ``runs/<NNN-arm-sSEED>/`` run
+    directories, and the report files of :func:`write_report`. A run that fails is recorded
+    with its error and the study goes on; the report says what is missing. ``resume`` reuses
+    runs an earlier call finished in ``out_dir`` with the same settings. ``data`` (a
+    ``heft_core.data.DatasetSplits``) replaces loading the spec's data source.
+    """
+    from heft_core import data as data_lib
+
+    out = Path(out_dir)
+    (out / RUNS_SUBDIR).mkdir(parents=True, exist_ok=True)
+    planned = spec.plan()
+    check_against_model(spec)
+    (out / SPEC_FILE).write_text(spec.to_yaml())
+    previous: dict[str, Mapping[str, Any]] = {}
+    if resume and (out / STUDY_INDEX_FILE).exists():
+        previous = {entry["run_dir"]: entry for entry in json.loads((out / STUDY_INDEX_FILE).read_text())["runs"]}
+    splits = data if data is not None else data_lib.load_data(planned[0].config.data)
+    entries = [
+        {"index": run.index, "arm": run.arm, "method": run.method, "seed": run.seed, "grid_point": run.grid_point,
+         "run_dir": f"{RUNS_SUBDIR}/{run.dir_name}", "status": "planned"}
+        for run in planned
+    ]
+    outcomes: list[RunOutcome] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(planned), desc=spec.name, unit="run", position=0)
+    logger.info("study %s: %d runs in %s", spec.name, len(planned), out)
+    try:
+        for run, entry in zip(planned, entries):
+            run_dir = out / entry["run_dir"]
+            train_examples = 0
+            if run.method != "base":  # the rows prepare() will draw for this seed
+                train_examples = len(data_lib.subset(splits.train, run.config.train_size, run.config.seed))
+            entry["train_examples"] = train_examples
+            outcome = None
+            if resume:
+                earlier = RunOutcome.from_run_dir(
+                    run_dir, arm=run.arm, seed=run.seed, grid_point=run.grid_point, method=run.method,
+                    wall_seconds=previous.get(entry["run_dir"], {}).get("wall_seconds"), train_examples=train_examples,
+                )
+                if earlier.finished and _same_settings(earlier.config, run.config):
+                    logger.info("%s: finished earlier in %s; not trained again", run.config.name, run_dir)
+                    outcome = earlier
+            if outcome is None:
+                if bar is not None:
+                    bar.set_postfix_str(f"{run.arm}, seed {run.seed}")
+                outcome = _train_planned(run, run_dir, splits, train_examples, progress)
+            entry.update(status=outcome.status, error=outcome.error, wall_seconds=outcome.wall_seconds)
+            outcomes.append(outcome)
+            _write_index(out, spec, entries)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        _write_index(out, spec, entries)  # also when interrupted: what finished stays readable
+    report = study_report(spec, outcomes, resamples=resamples)
+    write_report(report, out, outcomes)
+    logger.info("study %s: %d of %d runs finished; report in %s", spec.name, report.finished_runs, len(planned), out)
+    return report
