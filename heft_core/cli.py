@@ -1,7 +1,8 @@
-"""Command line: ``python -m heft_core train|eval|ask|compare``.
+"""Command line: ``python -m heft_core train|eval|ask|compare|export|study|study-report``.
 
-Bad input (any ConfigError, DataError, ModelLoadError or RunLoadError) exits with status 2
-and a one-line message, never a traceback.
+Bad input (any ``heft_common.errors.HeftError``: a bad option, data source, model or run
+directory) exits with status 2 and a one-line message, never a traceback. The training and
+inference modules import torch, so each command imports them when it runs (heavy: deferred).
 """
 from __future__ import annotations
 
@@ -9,11 +10,17 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from tqdm import tqdm
+
+from heft_common.errors import ConfigError, HeftError
+from heft_core import stats
+from heft_core.artifacts import load_run
 from heft_core.callbacks import TrainerCallback
-from heft_core.config import ConfigError, RunConfig
+from heft_core.config import RunConfig
 
 logger = logging.getLogger("heft_core")
 
@@ -26,7 +33,8 @@ def _int_or_auto(text: str) -> int | str:
 _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--method", "method", str, "base (zero-shot), lora, reft or heft"),
     ("--model", "model", str, "'embedded' (SmolLM2-135M-Instruct, default), a hub id or a local directory"),
-    ("--data", "data", str, "'synthetic' (offline, not BoolQ), 'hub' (google/boolq), hub:<id>, or a local file/directory"),
+    ("--data", "data", str,
+     "'synthetic' (offline, not BoolQ), 'hub' (google/boolq), hub:<id>, or a local file/directory"),
     ("--lora-rank", "lora.rank", int, "LoRA rank (1..1024)"),
     ("--lora-alpha", "lora.alpha", float, "LoRA alpha"),
     ("--lora-dropout", "lora.dropout", float, "LoRA dropout [0, 1)"),
@@ -52,7 +60,11 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--eval-batch-size", "eval_batch_size", int, "evaluation batch size"),
     ("--seed", "seed", int, "seed for subsets, initialisation and batch order"),
     ("--precision", "precision", str, "auto (bf16 on GPUs that have it), no, bf16, fp16"),
-    ("--prefix-cache-mb", "prefix_cache_mb", _int_or_auto, "MiB of ReFT prefix states kept across epochs: 'auto' (a quarter of available memory), or a number (0: recompute)"),
+    ("--prefix-cache-mb", "prefix_cache_mb", _int_or_auto,
+     "MiB of ReFT prefix states kept across epochs: 'auto' (a quarter of available memory), "
+     "or a number (0: recompute)"),
+    ("--checkpoint-minutes", "checkpoint_minutes", float,
+     "minutes between checkpoints inside an epoch (default 10; 0: only at epoch ends)"),
     ("--name", "name", str, "a name for the run"),
 ]
 
@@ -88,23 +100,44 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             _set_dotted(data, key, value)
     if args.no_share_weights:
         _set_dotted(data, "reft.share_weights", False)
+    if args.keep_epoch_checkpoints:
+        _set_dotted(data, "keep_epoch_checkpoints", True)
     for item in args.set or []:
         _set_dotted(data, *_parse_set(item))
     return RunConfig.from_dict(data)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m heft_core", description="HEFT Studio engine: LoRA, ReFT and HEFT (LoRA then ReFT) on BoolQ-style yes/no data.")
+    parser = argparse.ArgumentParser(
+        prog="python -m heft_core",
+        description="HEFT Studio engine: LoRA, ReFT and HEFT (LoRA then ReFT) on BoolQ-style yes/no data.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    train = sub.add_parser("train", help="train a run and write its directory", description="Train base/lora/reft/heft. Options override the --config file; --set reaches any option by its dotted name.")
+    train = sub.add_parser(
+        "train", help="train a run and write its directory",
+        description="Train base/lora/reft/heft. Options override the --config file; "
+        "--set reaches any option by its dotted name.",
+    )
     train.add_argument("--config", help="YAML or JSON file with any RunConfig options")
     for flag, _key, kind, help_text in _TRAIN_FLAGS:
         train.add_argument(flag, type=kind, default=None, help=help_text)
-    train.add_argument("--no-share-weights", action="store_true", help="separate interventions for first and last positions")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="any option by dotted name, e.g. reft_stage.warmup_ratio=0.05 (repeatable)")
-    train.add_argument("--output-dir", "-o", required=True, help="run directory to write")
+    train.add_argument(
+        "--no-share-weights", action="store_true", help="separate interventions for first and last positions"
+    )
+    train.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="any option by dotted name, e.g. reft_stage.warmup_ratio=0.05 (repeatable)",
+    )
+    train.add_argument(
+        "--keep-epoch-checkpoints", action="store_true", help="keep every epoch's checkpoint, not only the latest"
+    )
+    train.add_argument("--output-dir", "-o", help="run directory to write (required unless --resume)")
+    train.add_argument(
+        "--resume", metavar="RUN_DIR",
+        help="continue an interrupted or cancelled run from its latest checkpoint, with its own recorded config",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ev = sub.add_parser("eval", help="evaluate a run directory on a data source")
@@ -123,7 +156,40 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="paired McNemar test of two runs on the same questions")
     cmp.add_argument("run_a")
     cmp.add_argument("run_b")
-    cmp.add_argument("--claim", nargs=3, type=float, metavar=("ACC_A", "ACC_B", "N"), help="instead: what a claimed accuracy difference on N questions means, e.g. 0.8517 0.8505 3270")
+    cmp.add_argument(
+        "--claim", nargs=3, type=float, metavar=("ACC_A", "ACC_B", "N"),
+        help="instead: what a claimed accuracy difference on N questions means, e.g. 0.8517 0.8505 3270",
+    )
+
+    from heft_core.export import EXPORT_FORMATS  # light: no torch until an export runs
+
+    formats = "; ".join(f"{name} ({', '.join(fmt.methods)}): {fmt.description}" for name, fmt in EXPORT_FORMATS.items())
+    exp = sub.add_parser(
+        "export", help="export a finished run (peft adapter, merged model or pyreft interventions) with a model card"
+    )
+    exp.add_argument("run_dir")
+    exp.add_argument("--format", help=f"{formats} (default: the run's first)")
+    exp.add_argument("--out", required=True, help="new or empty directory, or a previous export to replace")
+    exp.add_argument(
+        "--push", metavar="REPO_ID",
+        help="then upload the export to this Hugging Face model repo (token: HF_TOKEN or `hf auth login`)",
+    )
+    exp.add_argument("--private", action="store_true", help="create the --push repo as private")
+
+    study = sub.add_parser(
+        "study", help="train a whole study (arms x seeds x grid) in this process and write its report directory",
+        description="Runs every planned run of a study spec (YAML/JSON) sequentially, then writes results.md/csv/json, "
+                    "charts, predictions and the spec into --out.",
+    )
+    study.add_argument("spec", nargs="?", help="study spec file (YAML or JSON); or use --preset")
+    study.add_argument("--preset", help="start from a preset instead: paper-table, equal-budget or cpu-boolq")
+    study.add_argument("--out", help="study directory to write (one zip-able directory)")
+    study.add_argument("--resume", action="store_true", help="reuse runs finished in --out with the same settings")
+    study.add_argument("--print-spec", action="store_true", help="print the spec as YAML and its run count; stop")
+    study.add_argument("--no-progress", action="store_true", help="no progress bars")
+    report = sub.add_parser("study-report", help="print the report of a study directory written by `study`")
+    report.add_argument("study_dir")
+    report.add_argument("--format", choices=("md", "json", "csv"), default="md", help="md, json or csv (runs)")
     return parser
 
 
@@ -135,10 +201,11 @@ class _ProgressCallback(TrainerCallback):
         self.bar = None
 
     def on_train_begin(self, info: dict[str, Any]) -> None:
-        logger.info("training %s on %s: %d train / %d eval examples, %d steps, device %s", info["method"], info["data_label"], info["train_examples"], info["eval_examples"], info["total_steps"], info["device"])
+        logger.info(
+            "training %s on %s: %d train / %d eval examples, %d steps, device %s", info["method"], info["data_label"],
+            info["train_examples"], info["eval_examples"], info["total_steps"], info["device"],
+        )
         if self.enabled and info["total_steps"]:
-            from tqdm import tqdm
-
             self.bar = tqdm(total=info["total_steps"], unit="step", file=sys.stderr)
 
     def on_step(self, event: Any) -> None:
@@ -147,18 +214,50 @@ class _ProgressCallback(TrainerCallback):
             self.bar.set_postfix(stage=event.stage, loss=f"{event.loss:.4f}", tok_s=f"{event.tokens_per_second:.0f}")
 
     def on_evaluate(self, event: Any) -> None:
-        message = f"eval {event.stage} epoch {event.epoch}: accuracy {event.accuracy:.4f} [{event.low:.4f}, {event.high:.4f}] n={event.n}"
+        message = (
+            f"eval {event.stage} epoch {event.epoch}: accuracy {event.accuracy:.4f} "
+            f"[{event.low:.4f}, {event.high:.4f}] n={event.n}"
+        )
         (self.bar.write(message) if self.bar is not None else logger.info(message))
 
     def on_log(self, message: str) -> None:
         logger.info(message)
 
 
+def _resume_config(args: argparse.Namespace) -> RunConfig:
+    """The recorded config of the run directory named by ``--resume`` (no other option may change it)."""
+    from heft_core.artifacts import read_run_record
+    from heft_core.checkpoint import read_run_config
+
+    given = [flag for flag, *_ in _TRAIN_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_")) is not None]
+    switches = (("--config", args.config), ("--set", args.set), ("--no-share-weights", args.no_share_weights),
+                ("--keep-epoch-checkpoints", args.keep_epoch_checkpoints))
+    given += [flag for flag, on in switches if on]
+    if args.output_dir and Path(args.output_dir).resolve() != Path(args.resume).resolve():
+        given.append("--output-dir")
+    if given:
+        raise ConfigError("--resume", f"continues the run with its own recorded config; drop {', '.join(given)}")
+    record = read_run_record(args.resume) if (Path(args.resume) / "run.json").exists() else None
+    if record is not None and record.get("result", {}).get("status") == "completed":
+        raise ConfigError("--resume", f"{args.resume} is a completed run; there is nothing to resume")
+    recorded = read_run_config(args.resume) or (record or {}).get("config")
+    if recorded is None:
+        raise ConfigError(
+            "--resume", f"{args.resume} has no recorded run config; it is not a run directory written by 'train'"
+        )
+    return RunConfig.from_dict(recorded)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from heft_core.train import train
 
-    config = config_from_args(args)
-    result = train(config, args.output_dir, callbacks=[_ProgressCallback(not args.no_progress)])
+    if args.resume:
+        config, output_dir = _resume_config(args), args.resume
+    elif not args.output_dir:
+        raise ConfigError("--output-dir", "name the run directory to write (or --resume RUN_DIR to continue a run)")
+    else:
+        config, output_dir = config_from_args(args), args.output_dir
+    result = train(config, output_dir, callbacks=[_ProgressCallback(not args.no_progress)], resume=bool(args.resume))
     print(json.dumps(result.summary()))
     return 0
 
@@ -166,16 +265,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from heft_core.inference import evaluate_run
 
+    for option, value in (("--eval-size", args.eval_size), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(option, f"must be a positive integer, got {value}")
     accuracy, predictions, signature = evaluate_run(args.run_dir, args.data, args.eval_size, args.batch_size)
     if args.predictions:
         with open(args.predictions, "w") as fh:
             fh.writelines(json.dumps(p.to_dict()) + "\n" for p in predictions)
-    print(json.dumps({"accuracy": accuracy.accuracy, "accuracy_ci": [accuracy.low, accuracy.high], "eval_n": accuracy.n, "correct": accuracy.correct, "eval_signature": signature}))
+    print(json.dumps({
+        "accuracy": accuracy.accuracy, "accuracy_ci": [accuracy.low, accuracy.high], "eval_n": accuracy.n,
+        "correct": accuracy.correct, "eval_signature": signature,
+    }))
     return 0
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
-    from heft_core.artifacts import load_run
     from heft_core.inference import SideBySide
 
     configs = [load_run(d).config for d in args.run_dirs]
@@ -189,32 +293,85 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from heft_core import stats
-    from heft_core.artifacts import load_run
-
     if args.claim:
         acc_a, acc_b, n = args.claim
-        print(json.dumps(stats.paper_claim_check(acc_a, acc_b, int(n))))
+        try:
+            claim = stats.paper_claim_check(acc_a, acc_b, int(n))
+        except ValueError as error:  # stats' range checks; here they are the user's numbers
+            raise ConfigError("--claim", str(error)) from error
+        print(json.dumps(claim))
         return 0
     run_a, run_b = load_run(args.run_a), load_run(args.run_b)
     if run_a.eval_signature != run_b.eval_signature:
-        raise ConfigError("compare", "the two runs were evaluated on different questions; a paired test needs the same eval set")
+        raise ConfigError(
+            "compare", "the two runs were evaluated on different questions; a paired test needs the same eval set"
+        )
     comparison = stats.paired_comparison(run_a.correctness(), run_b.correctness())
     payload = {"a": str(args.run_a), "b": str(args.run_b), **comparison.__dict__, "summary": comparison.summary()}
     print(json.dumps(payload))
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from heft_core.artifacts import RunLoadError
-    from heft_core.data import DataError
-    from heft_core.models import ModelLoadError
+def _cmd_export(args: argparse.Namespace) -> int:
+    from heft_core import export
 
+    if args.private and not args.push:
+        raise ConfigError("--private", "applies to --push only; name the repo with --push REPO_ID")
+    token = None
+    if args.push:  # checked before exporting: a push that cannot happen writes nothing
+        export.check_repo_id(args.push)
+        token = export.resolve_token()
+    out = export.export_run(args.run_dir, args.out, args.format)
+    manifest = export.read_manifest(out) or {}
+    payload = {
+        "out": str(out), "format": manifest.get("format"), "method": manifest.get("method"),
+        "files": manifest.get("files"), "pushed": None,
+    }
+    if args.push:
+        payload["pushed"] = export.push_to_hub(out, args.push, private=args.private, token=token)
+    print(json.dumps(payload))
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from heft_core import study, study_runner
+
+    if bool(args.spec) == bool(args.preset):
+        raise ConfigError("spec", "give a study spec file or --preset NAME (one of them)")
+    spec = study.StudySpec.from_file(args.spec) if args.spec else study.preset(args.preset)
+    if args.print_spec:
+        print(spec.to_yaml() + f"# {spec.run_count} planned runs")
+        return 0
+    if not args.out:
+        raise ConfigError("--out", "name the study directory to write")
+    report = study_runner.run_study_in_process(spec, args.out, progress=not args.no_progress, resume=args.resume)
+    print(json.dumps({
+        "study": report.name, "out": str(args.out), "planned": report.planned_runs, "finished": report.finished_runs,
+        "missing": report.missing, "report": str(Path(args.out) / "results.md"),
+    }))
+    return 0
+
+
+def _cmd_study_report(args: argparse.Namespace) -> int:
+    from heft_core import study_report, study_runner
+
+    spec, outcomes = study_runner.load_study_dir(args.study_dir)
+    report = study_report.study_report(spec, outcomes)
+    report.charts = [name for name in study_report.CHART_FILES if (Path(args.study_dir) / name).exists()]
+    print({"md": report.to_markdown, "json": report.to_json, "csv": report.to_csv}[args.format]())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "train" else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    handlers = {"train": _cmd_train, "eval": _cmd_eval, "ask": _cmd_ask, "compare": _cmd_compare}
+    level = logging.INFO if args.verbose or args.command in ("train", "study") else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    handlers = {
+        "train": _cmd_train, "eval": _cmd_eval, "ask": _cmd_ask, "compare": _cmd_compare, "export": _cmd_export,
+        "study": _cmd_study, "study-report": _cmd_study_report,
+    }
     try:
         return handlers[args.command](args)
-    except (ConfigError, DataError, ModelLoadError, RunLoadError, ValueError) as exc:
+    except HeftError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
