@@ -8,7 +8,15 @@ import sys
 import pytest
 
 from heft_core import cli
-from heft_core.config import ConfigError, LoraSettings, ReftSettings, RunConfig, StageSettings, parse_layers, parse_positions
+from heft_core.config import (
+    ConfigError,
+    LoraSettings,
+    ReftSettings,
+    RunConfig,
+    StageSettings,
+    parse_layers,
+    parse_positions,
+)
 from heft_core.data import DatasetSplits, Example
 
 
@@ -48,7 +56,9 @@ def test_positions_and_layers_parse_like_pyreft():
 
 
 def test_model_shape_checks():
-    config = RunConfig(method="heft", reft=ReftSettings(layers=[3, 30]), lora=LoraSettings(target_modules=["q_proj", "qkv"]))
+    config = RunConfig(
+        method="heft", reft=ReftSettings(layers=[3, 30]), lora=LoraSettings(target_modules=["q_proj", "qkv"])
+    )
     with pytest.raises(ConfigError, match=r"reft.layers: \[30\] outside the model's depth; allowed 0..29"):
         config.validate_for_model(30, {"q_proj", "v_proj"})
     config = RunConfig(method="lora", lora=LoraSettings(target_modules=["q_proj", "qkv"]))
@@ -100,7 +110,8 @@ def test_layers_outside_depth_rejected_before_weights_load(tiny_model, easy_data
     from heft_core.train import train
 
     with pytest.raises(ConfigError, match=r"reft.layers: \[9\] outside the model's depth; allowed 0..3"):
-        train(RunConfig(method="reft", model=tiny_model, reft=ReftSettings(layers=[9])), "/nonexistent/x", data=easy_data)
+        config = RunConfig(method="reft", model=tiny_model, reft=ReftSettings(layers=[9]))
+        train(config, "/nonexistent/x", data=easy_data)
 
 
 def test_missing_model_names_the_model(tmp_path):
@@ -126,8 +137,9 @@ def test_cli_bad_input_exits_2_with_one_line_and_no_traceback(tiny_model, tmp_pa
 def test_cli_train_eval_ask_compare(tiny_model, easy_data, data_dir, tmp_path, capsys):
     config_file = tmp_path / "config.yaml"
     config_file.write_text("template:\n  after_question: ''\nmax_length: 64\nseed: 3\n")
-    common = ["--model", tiny_model, "--data", str(data_dir), "--config", str(config_file), "--batch-size", "8", "--no-progress",
-              "--lora-lr", "0.01", "--reft-lr", "0.01", "--reft-positions", "l1", "--set", "lora.target_modules=[\"all-linear\"]"]
+    common = ["--model", tiny_model, "--data", str(data_dir), "--config", str(config_file), "--batch-size", "8",
+              "--no-progress", "--lora-lr", "0.01", "--reft-lr", "0.01", "--reft-positions", "l1",
+              "--set", "lora.target_modules=[\"all-linear\"]"]
     summaries = {}
     for method in ("lora", "heft"):
         assert cli.main(["train", "--method", method, *common, "-o", str(tmp_path / method)]) == 0
@@ -141,7 +153,8 @@ def test_cli_train_eval_ask_compare(tiny_model, easy_data, data_dir, tmp_path, c
     assert evaluated["accuracy"] == summaries["heft"]["accuracy"]
 
     e = easy_data.validation[0]
-    assert cli.main(["ask", str(tmp_path / "lora"), str(tmp_path / "heft"), "--passage", e.passage, "--question", e.question]) == 0
+    ask = ["ask", str(tmp_path / "lora"), str(tmp_path / "heft"), "--passage", e.passage, "--question", e.question]
+    assert cli.main(ask) == 0
     answers = json.loads(capsys.readouterr().out)
     assert set(answers) == {"base", "lora", "heft"}
 
@@ -156,7 +169,8 @@ def test_cli_train_eval_ask_compare(tiny_model, easy_data, data_dir, tmp_path, c
 
 def test_cli_help_documents_every_option():
     help_text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
-    for flag in ("--lora-rank", "--reft-positions", "--reft-layers", "--stage2-mode", "--lora-epochs", "--reft-epochs", "--set", "--config"):
+    for flag in ("--lora-rank", "--reft-positions", "--reft-layers", "--stage2-mode", "--lora-epochs", "--reft-epochs",
+                 "--set", "--config"):
         assert flag in help_text
 
 
