@@ -10,6 +10,10 @@ ENV PYTHONUNBUFFERED=1 \
     GRADIO_SERVER_NAME=0.0.0.0 \
     GRADIO_SERVER_PORT=7860
 
+# tini as PID 1: it forwards SIGTERM (docker stop, a Space restart) to the app, which then marks its
+# running runs interrupted and stops their training processes, and it reaps orphaned processes.
+RUN apt-get update && apt-get install -y --no-install-recommends tini \
+ && rm -rf /var/lib/apt/lists/*
 RUN useradd --create-home --uid 1000 user
 WORKDIR /home/user/app
 
@@ -28,4 +32,5 @@ USER user
 # HEFT_HOME defaults to /data/heft-studio when /data (persistent storage) is writable,
 # else ~/.cache/heft-studio inside the container.
 EXPOSE 7860
+ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["python", "app.py"]

@@ -2,12 +2,18 @@
 
 Environment: GRADIO_SERVER_NAME (default 127.0.0.1; the Space's Dockerfile sets 0.0.0.0),
 GRADIO_SERVER_PORT (default 7860), HEFT_HOME (data home), HEFT_AUTH="user:pass,user2:pass2"
-(optional login).
+(optional login, throttled: app.login), HEFT_RAY_ADDRESS (train on that Ray cluster, `auto` for the
+one this machine is in; README: Ray cluster).
+
+SIGTERM (docker stop, systemd, a Space restart) stops the app like Ctrl-C: the server closes, the
+worker stops its training processes and marks their runs interrupted. A damaged or foreign database
+is reported in one message (what to do) and the app exits with status 2.
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 
@@ -26,26 +32,38 @@ def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("heft")
+    # SIGTERM as Ctrl-C: Gradio's launch() ends on KeyboardInterrupt, then the worker is stopped below.
+    # (As a container's PID 1 without a handler, SIGTERM would be ignored until the SIGKILL.)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    from app.login import login_options
     from app.ui import build_demo, launch_kwargs
     from app.worker import start_background_worker
+    from heft_common.errors import StoreError
 
     auth = parse_auth(os.environ.get("HEFT_AUTH"))
-    worker = start_background_worker()
-    if worker is None:
-        logging.getLogger("heft").info("another worker serves this data home; this app only queues runs")
-    demo = build_demo()
+    worker = None
     try:
+        worker = start_background_worker()
+        if worker is None:
+            log.info("another worker serves this data home; this app only queues runs")
+        demo = build_demo()
         demo.queue(default_concurrency_limit=4).launch(
             server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
             server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
-            auth=auth,
-            auth_message="HEFT Studio: log in with a HEFT_AUTH user" if auth else None,
             show_error=False,
             **launch_kwargs(),
+            **login_options(auth),
         )
+    except StoreError as exc:  # a damaged or foreign database: one message that says what to do
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:  # SIGTERM or Ctrl-C before the server was up
+        log.info("stopping")
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one stop is enough; let the shutdown finish
         if worker is not None:
-            worker.stop()  # children stop at their next step; their runs are marked interrupted
+            worker.stop()  # children are stopped; their runs are marked interrupted
             import threading
 
             for thread in threading.enumerate():

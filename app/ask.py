@@ -13,7 +13,7 @@ import logging
 import random
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 from app import present
 from heft_common.errors import AskError, HeftError
@@ -124,7 +124,10 @@ class AskService:
         for run in runs:
             if run.id not in server.loaded:
                 logger.info("Ask: loading run %d from %s", run.id, run.artifact_dir)
-                server.side_by_side.add_run(f"run{run.id}", run.artifact_dir)
+                try:
+                    server.side_by_side.add_run(f"run{run.id}", run.artifact_dir)
+                except (HeftError, OSError, ValueError) as exc:  # a damaged, missing or mismatched run directory
+                    raise AskError(f"run #{run.id} ({run.name}): {exc}") from None
                 server.loaded[run.id] = run.artifact_dir
         return server
 
@@ -132,9 +135,22 @@ class AskService:
                base_model: str | None = None) -> dict[str, Any]:
         """Answers of the base model and each chosen run.
 
-        Returns {"model", "answers": [{slot, title, run_id, answer, p_yes, latency_seconds}]}. Raises
+        Returns {"model", "answers": [{slot, title, run_id, answer, p_yes, latency_seconds}]} (in the
+        order they were answered; ``latency_seconds`` counts from the start of the question). Raises
         AskError for empty input, unknown or unfinished runs, runs on different base models, or a
         model or run directory that cannot be loaded.
+        """
+        last: dict[str, Any] = {}
+        for last in self.answer_iter(passage, question, run_ids, base_model):
+            pass
+        return {"model": last["model"], "answers": last["answers"]}
+
+    def answer_iter(self, passage: str, question: str, run_ids: Mapping[str, Any] | Sequence[Any],
+                    base_model: str | None = None) -> Iterator[dict[str, Any]]:
+        """:meth:`answer`, one step per answered variant: {"model", "answers" so far, "pending" slots}.
+
+        Variants on one host share its prompt pass (``SideBySide.answers``), so the base model and a
+        ReFT run come first, then a LoRA run and a HEFT run on its adapter.
         """
         passage, question = (passage or "").strip(), (question or "").strip()
         if not question:
@@ -143,25 +159,33 @@ class AskService:
             raise AskError("enter the passage the question is about")
         model_ref, choices = self.resolve(run_ids, base_model)
         runs = [c.run for c in choices if c.run is not None]
-        with self._lock:
+        by_name = {("base" if c.run is None else f"run{c.run.id}"): c for c in choices}
+        with self._lock:  # loading: one model and its runs at a time
             try:
                 server = self._server_for(model_ref, runs)
-                answers = []
-                for choice in choices:
-                    name = "base" if choice.run is None else f"run{choice.run.id}"
-                    result = server.side_by_side.answer(name, passage, question)
-                    answers.append({
-                        "slot": choice.slot, "title": choice.title, "run_id": choice.run.id if choice.run else None,
-                        "subtitle": (_subtitle(choice.run) if choice.run
-                                     else f"zero-shot · {present.model_label(model_ref)}"),
-                        **result.to_dict(),
-                    })
             except AskError:  # SideBySide refused a run as chosen; what is loaded stays usable
                 raise
             except HeftError as exc:  # a model or run directory that cannot be loaded: start afresh next time
                 self._server = None
                 raise AskError(str(exc)) from None
-        return {"model": model_ref, "answers": answers}
+        answers: list[dict[str, Any]] = []
+        try:
+            # SideBySide locks each forward itself, so a second question can be served in between.
+            for name, result in server.side_by_side.answers(passage, question, list(by_name)):
+                choice = by_name[name]
+                answers.append({
+                    "slot": choice.slot, "title": choice.title, "run_id": choice.run.id if choice.run else None,
+                    "subtitle": (_subtitle(choice.run) if choice.run
+                                 else f"zero-shot · {present.model_label(model_ref)}"),
+                    **result.to_dict(),
+                })
+                done = {answer["slot"] for answer in answers}
+                yield {"model": model_ref, "answers": list(answers),
+                       "pending": [c.slot for c in choices if c.slot not in done]}
+        except HeftError as exc:  # a model that fails on this input
+            if self._server is server:
+                self._server = None
+            raise AskError(str(exc)) from None
 
     # --- examples ----------------------------------------------------------------------------
     def random_example(self, source: str, rng: random.Random | None = None) -> Any:

@@ -17,9 +17,11 @@ import time
 import traceback
 from pathlib import Path
 
+from app.launch import process_rank, supervised_by
 from app.logs import ERROR_FILE
 from app.recording import DatabaseCallback
 from heft_common.errors import HeftError
+from heft_core.callbacks import TrainerCallback
 from storage import queries
 from storage.db import open_db
 
@@ -28,13 +30,19 @@ logger = logging.getLogger("app.child")
 EXIT_BAD_INPUT = 3
 
 
+class _NotRecorded(TrainerCallback):
+    """The other processes of a multi-process run: only the main one writes to the database."""
+
+    def flush(self) -> None: ...
+
+
 def _exit_with_parent(parent_pid: int, interval: float = 1.0) -> None:
     """A run whose worker died must not train on unobserved: end this process too."""
 
     def watch() -> None:
         while True:
             time.sleep(interval)
-            if os.getppid() != parent_pid:
+            if not supervised_by(parent_pid):  # its parent, or accelerate's launcher between them
                 logger.error("worker %d is gone; stopping this run", parent_pid)
                 os._exit(4)
 
@@ -52,10 +60,11 @@ def run(run_id: int, db_path: str) -> int:
         logger.error("run %s not found or has no artifact directory", run_id)
         return 1
     out = Path(record.artifact_dir)
-    callback = DatabaseCallback(engine, run_id)
+    callback = DatabaseCallback(engine, run_id) if process_rank() == 0 else _NotRecorded()
     try:
         config = RunConfig.from_dict(record.config)
-        train(config, out, callbacks=[callback])
+        # A run put back in the queue by Resume continues from its checkpoint; a new one starts clean.
+        train(config, out, callbacks=[callback], resume=bool(record.resumes))
         callback.flush()
         return 0
     except HeftError as exc:  # bad option, data or model: the message says what

@@ -9,17 +9,23 @@ comes from). Nothing here depends on the order of fields, and nothing imports Gr
 
 Adding a run option: its field in ``heft_core.config``, its parser in :data:`CONFIG_FIELDS`,
 its component in ``app/ui/train.py`` (and its value in the presets, if they should set it).
+
+Validation has one path: parsers only convert what the widgets send; a value they cannot
+convert (an empty box, text in a number field) is passed on as :class:`Invalid`, and
+``heft_core.config`` rejects it like any out-of-range value, with a message naming the dotted
+option and its allowed range ("lora.rank: must be an integer in 1..1024, got empty").
+:func:`field_errors` gives that message per field for the UI to show next to each one.
 """
 from __future__ import annotations
 
 import copy
 import functools
-import html
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from app.present import HUB_BOOLQ_SOURCES, METHOD_STAGES, error, format_int, model_label
+from app import timing
+from app.present import HUB_BOOLQ_SOURCES, METHOD_STAGES, error, escape, format_duration, format_int, model_label
 from heft_common.errors import ConfigError, DataError, HeftError, ModelLoadError
 from heft_common.vocabulary import (
     DEFAULT_HUB_DATASET,
@@ -61,8 +67,9 @@ LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # Known dataset sizes, so estimates work without loading the data.
 SYNTHETIC_SIZES = (800, 200)  # heft_core.data.load_data's default synthetic_size
 HUB_BOOLQ_SIZES = (9427, 3270)
-# CPU throughput of the embedded model measured on 2 cores (forward + backward).
-EMBEDDED_CPU_TOKENS_PER_SECOND = 120
+# CPU throughput of the embedded model measured on 2 cores (forward + backward); estimates use a
+# finished run's measured speed instead whenever there is one (app.timing).
+EMBEDDED_CPU_TOKENS_PER_SECOND = timing.DEFAULT_TOKENS_PER_SECOND
 
 # --------------------------------------------------------------------------- field parsers
 
@@ -73,29 +80,50 @@ def _is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip())
 
 
-def whole(value: Any, option: str) -> int:
-    """A whole number from a number box (which sends floats, or None when empty)."""
-    if _is_empty(value):
-        raise ConfigError(option, "is empty; enter a whole number")
+class Invalid:
+    """A widget value that is not a number (an empty box, text): heft_core's range check rejects it.
+
+    Its ``repr`` is how the message quotes it: "got empty", "got 'fast'".
+    """
+
+    def __init__(self, raw: Any):
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return "empty" if _is_empty(self.raw) else repr(self.raw)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Invalid) and other.raw == self.raw
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def whole(value: Any, option: str) -> int | float | Invalid:
+    """A whole number from a number box (which sends floats, or None when empty).
+
+    A fraction stays a float and anything else an :class:`Invalid`, for heft_core to reject by range.
+    """
+    if isinstance(value, bool) or _is_empty(value):
+        return Invalid(value)
     try:
-        number = float(value)
+        parsed = float(value)
     except (TypeError, ValueError):
-        raise ConfigError(option, f"{value!r} is not a number") from None
-    if not number.is_integer():
-        raise ConfigError(option, f"must be a whole number, got {value!r}")
-    return int(number)
+        return Invalid(value)
+    return int(parsed) if parsed.is_integer() else parsed
 
 
-def whole_or_all(value: Any, option: str) -> int | None:
+def whole_or_all(value: Any, option: str) -> int | float | Invalid | None:
     """A subset size: empty or 0 means every row (None)."""
     return None if _is_empty(value) else whole(value, option) or None
 
 
-def number(value: Any, option: str) -> float:
+def number(value: Any, option: str) -> float | Invalid:
+    if isinstance(value, bool) or _is_empty(value):
+        return Invalid(value)
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise ConfigError(option, f"{value!r} is not a number") from None
+        return Invalid(value)
 
 
 def flag(value: Any, option: str) -> bool:
@@ -147,6 +175,9 @@ CONFIG_FIELDS: dict[str, Parser] = {
     "seed": whole,
     "heft_stage2_mode": text("adapter"),
     "precision": text("auto"),
+    "checkpoint_minutes": number,
+    "keep_epoch_checkpoints": flag,
+    "processes": whole,
 }
 # The form's own fields: read by form_to_configs itself.
 FORM_ONLY_FIELDS = ("model", "data_kind", "data_local", "method", "include_base", "name")
@@ -340,15 +371,9 @@ def form_to_configs(form: Mapping[str, Any], upload_path: str | None = None) -> 
         raise ConfigError("model", "choose the embedded model or enter a hub id or local directory")
     upload = upload_path if upload_path is not None else form.get(UPLOAD_FIELD)
     data = data_source(form.get("data_kind", ""), form.get("data_local"), upload or None)
-    options: dict[str, Any] = {}
-    for name, parse in CONFIG_FIELDS.items():
-        if name in form:
-            set_option(options, name, parse(form[name], name))
-    lora = options.setdefault("lora", {})
-    if not lora.get("target_modules"):
-        if any("lora" in METHOD_STAGES[m] for m in methods):
-            raise ConfigError("lora.target_modules", "tick at least one module to adapt")
-        lora["target_modules"] = ["q_proj"]  # unused by ReFT-only runs, but LoraSettings needs one
+    values = {name: parse(form[name], name) for name, parse in CONFIG_FIELDS.items() if name in form}
+    if not values.get("lora.target_modules", ["q_proj"]) and any("lora" in METHOD_STAGES[m] for m in methods):
+        raise ConfigError("lora.target_modules", "tick at least one module to adapt")
     runs = list(methods)
     if form.get("include_base") and len(methods) > 1:
         runs.append("base")
@@ -356,9 +381,91 @@ def form_to_configs(form: Mapping[str, Any], upload_path: str | None = None) -> 
     configs = []
     for method in runs:
         run_name = f"{name} · {METHOD_TITLES[method]}" if name and len(runs) > 1 else name
-        configs.append(RunConfig.from_dict({**copy.deepcopy(options), "method": method, "model": model, "data": data,
+        options = _options_for(method, values)
+        configs.append(RunConfig.from_dict({**options, "method": method, "model": model, "data": data,
                                             "name": run_name}))
     return configs
+
+
+def _unused_parts(method: str) -> set[str]:
+    """The RunConfig parts ``method`` never reads: its unused stage and adapter settings."""
+    stages = METHOD_STAGES[method]
+    unused = set()
+    if "lora" not in stages:
+        unused |= {"lora", "lora_stage"}
+    if "reft" not in stages:
+        unused |= {"reft", "reft_stage"}
+    return unused
+
+
+def _options_for(method: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested RunConfig fields for ``method``; an :class:`Invalid` value in a part it does not use is
+    left out (the default stays), so a hidden, unused box never blocks a launch nor gets stored."""
+    options: dict[str, Any] = {}
+    unused = _unused_parts(method)
+    for name, value in values.items():
+        for path in _option_paths(name):
+            if isinstance(value, Invalid) and path[0] in unused:
+                continue
+            node = options
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = copy.copy(value)
+    lora = options.setdefault("lora", {})
+    if not lora.get("target_modules"):
+        lora["target_modules"] = ["q_proj"]  # unused by ReFT-only runs, but LoraSettings needs one
+    return options
+
+
+def _field_of(option: str) -> str:
+    """The form field that sets a dotted option ("reft_stage.batch_size" -> "*.batch_size")."""
+    if option in CONFIG_FIELDS:
+        return option
+    head, _, rest = option.partition(".")
+    if head in STAGES and f"*.{rest}" in CONFIG_FIELDS:
+        return f"*.{rest}"
+    return option
+
+
+def field_errors(form: Mapping[str, Any], upload_path: str | None = None) -> dict[str, str]:
+    """{field name: message} for every invalid field of ``form``, each checked on its own.
+
+    The message is heft_core's ("lora.rank: must be an integer in 1..1024, got 0"), including the
+    checks against the chosen model's shape (layer indices, module names) when the model can be
+    read, and the local data path's existence. Plain text: the UI escapes it where it renders it.
+    """
+    errors: dict[str, str] = {}
+    try:
+        methods = method_codes(form.get("method", ""))
+    except ConfigError as exc:
+        return {"method": str(exc)}
+    try:
+        shape = model_shape(str(form.get("model") or "").strip())
+    except HeftError:
+        shape = None  # the model message (next to the model box) says why
+    baseline = {**default_form(), "method": form.get("method"), "model": form.get("model") or EMBEDDED_MODEL,
+                "data_kind": DATA_SYNTHETIC}
+    for field in CONFIG_FIELDS:
+        if field not in form:
+            continue
+        try:
+            for config in form_to_configs({**baseline, field: form[field]}, upload_path):
+                if shape is not None and config.method in methods:
+                    config.validate_for_model(shape["num_layers"], set(shape["linear"]))
+        except ConfigError as exc:
+            errors[_field_of(exc.option)] = str(exc)
+    try:
+        source = data_source(form.get("data_kind", ""), form.get("data_local"),
+                             upload_path if upload_path is not None else form.get(UPLOAD_FIELD) or None)
+        if form.get("data_kind") == DATA_LOCAL:
+            from heft_core.data import validate_source  # reads a header at most; no torch
+
+            validate_source(source)
+    except ConfigError as exc:
+        errors["data_local" if form.get("data_kind") == DATA_LOCAL else "data_kind"] = str(exc)
+    except DataError as exc:
+        errors["data_local"] = str(exc)
+    return errors
 
 
 # --------------------------------------------------------------------------- messages
@@ -383,7 +490,7 @@ def _error_parts(exc: BaseException) -> tuple[str, str]:
 def error_message(exc: BaseException) -> str:
     """A readable one-paragraph Markdown message for the errors a form or an API call can raise."""
     heading, detail = _error_parts(exc)
-    return f"**{heading}** — {html.escape(detail, quote=False)}"
+    return f"**{heading}** — {escape(detail)}"
 
 
 def error_text(exc: BaseException) -> str:
@@ -461,7 +568,7 @@ def model_fields(model_ref: str, current_targets: list[str] | None, layers_text:
     names = sorted(shape["linear"])
     kept = ([m for m in (current_targets or []) if m in names] or [m for m in ("q_proj", "v_proj") if m in names]
             or names[:1])
-    summary = (f"{html.escape(model_label(model_ref), quote=False)}: {shape['num_layers']} layers (valid indices "
+    summary = (f"{escape(model_label(model_ref))}: {shape['num_layers']} layers (valid indices "
                f"0..{shape['num_layers'] - 1}), hidden size {shape['hidden_size']}, linear layers: {', '.join(names)}")
     return ModelFields(names, kept, summary, layers_message(layers_text, shape["num_layers"]))
 
@@ -500,16 +607,24 @@ def data_counts(source: str) -> tuple[int, int] | None:
         return None
 
 
-def estimate_markdown(form: Mapping[str, Any], upload_path: str | None = None) -> str:
-    """Trainable parameters per stage, examples x epochs and optimizer steps for the form."""
+def estimate_markdown(form: Mapping[str, Any], upload_path: str | None = None,
+                      speeds: Mapping[str, timing.Speed] | None = None) -> str:
+    """Trainable parameters per stage, examples x epochs, optimizer steps and time for the form.
+
+    ``speeds`` ({method: Speed}, from ``app.timing.measured_speeds``) are this machine's measured
+    speeds for the form's model; without them the time says what it assumes.
+    """
     try:
         configs = form_to_configs(form, upload_path)
         shape = model_shape(configs[0].model)
+    except ConfigError as exc:
+        return (f"*Estimate unavailable:* {error_message(exc)}. The form has an invalid value (see the message next "
+                "to the field); nothing can be launched until it is fixed.")
     except HeftError as exc:
         return f"*Estimate unavailable:* {error_message(exc)}"
     counts = data_counts(configs[0].data)
     rows = ["| run | stage | trainable params | examples × epochs | optimizer steps |", "|:--|:--|--:|--:|--:|"]
-    total_seconds = 0.0
+    times = []
     for config in configs:
         if config.method == "base":
             rows.append(f"| {METHOD_DESCRIPTIONS['base']} | — | 0 | — | 0 |")
@@ -525,12 +640,12 @@ def estimate_markdown(form: Mapping[str, Any], upload_path: str | None = None) -
                 params = reft_params(shape["hidden_size"], config.reft.rank, len(layers), config.reft.positions,
                                      config.reft.share_weights)
             if n_train:
-                steps = format_int(settings.optimizer_steps(n_train))
+                steps = format_int(settings.optimizer_steps(n_train, config.processes))
                 work = f"{format_int(n_train)} × {settings.epochs}"
-                total_seconds += n_train * settings.epochs * config.max_length / EMBEDDED_CPU_TOKENS_PER_SECOND
             else:
                 steps, work = "?", f"all × {settings.epochs}"
             rows.append(f"| {METHOD_TITLES[config.method]} | {stage} | {format_int(params)} | {work} | {steps} |")
+        times.append(_time_line(config, n_train, counts, speeds))
     lines = ["\n".join(rows)]
     first = configs[0]
     if first.method == "heft":
@@ -540,8 +655,23 @@ def estimate_markdown(form: Mapping[str, Any], upload_path: str | None = None) -
         n_eval = min(first.eval_size, counts[1]) if first.eval_size else counts[1]
         lines.append(f"Evaluation: {format_int(n_eval)} validation questions after every epoch (data has "
                      f"{format_int(counts[0])} train / {format_int(counts[1])} validation rows).")
-    if first.model.strip().lower() == EMBEDDED_MODEL and total_seconds:
-        lines.append(f"On 2 CPU cores the embedded model needs at most ~{max(1, round(total_seconds / 60))} min of "
-                     f"training (≤ {first.max_length} tokens per question at ~{EMBEDDED_CPU_TOKENS_PER_SECOND} "
-                     "tokens/s), plus evaluation.")
+    lines += [line for line in times if line]
     return "\n\n".join(lines)
+
+
+def _time_line(config: RunConfig, n_train: int | None, counts: tuple[int, int] | None,
+               speeds: Mapping[str, timing.Speed] | None) -> str:
+    """"**HEFT: ~9 min** (loading ~15 s, training ~7 min, evaluation ~2 min) — based on run #12's ..."."""
+    n_eval = config.eval_size
+    if counts is not None:
+        n_eval = min(n_eval, counts[1]) if n_eval else counts[1]
+    if not n_train or not n_eval:
+        return ""
+    speed = timing.speed_for(speeds, config.method)
+    if speed is None and timing.model_key(config.model) != EMBEDDED_MODEL:
+        return (f"{METHOD_TITLES[config.method]}: no time estimate yet for {escape(model_label(config.model))}: no "
+                "finished run of this model and method on this machine.")
+    estimate = timing.estimate_seconds(config, n_train, n_eval, speed, any_measured=bool(speeds))
+    return (f"**{METHOD_TITLES[config.method]}: ~{format_duration(estimate.total)}** (loading "
+            f"~{format_duration(estimate.load)}, training ~{format_duration(estimate.train)}, evaluation "
+            f"~{format_duration(estimate.evaluation)}) — {escape(estimate.basis)}.")

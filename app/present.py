@@ -2,11 +2,11 @@
 
 No Gradio and no database here: every function takes rows (``storage.models.Run`` or anything
 with the same attributes) and returns strings, DataFrames or a matplotlib figure, so all of
-it is tested without a browser. Text that goes into Markdown or HTML is escaped here.
+it is tested without a browser. Text that goes into Markdown or HTML goes through :func:`escape`,
+the one escaping helper of the app (forms' field messages and the UI's handlers use it too).
 """
 from __future__ import annotations
 
-import html
 import math
 import re
 from datetime import datetime, timezone
@@ -39,6 +39,32 @@ STATUS_ICONS = {
 ASK_SLOTS = METHODS  # one answer card per method; "base" is the base model itself
 # The training stages of each method, in order (RunConfig.stages() for a config at hand).
 METHOD_STAGES: dict[str, tuple[str, ...]] = {"base": (), "lora": ("lora",), "reft": ("reft",), "heft": ("lora", "reft")}
+
+# --------------------------------------------------------------------------- escaping
+
+# HTML's special characters and those Markdown would read as markup (emphasis, code, links,
+# tables, headings, escapes), as numeric character references, in one pass: they show as
+# themselves in Markdown and in HTML.
+_MARKUP = str.maketrans({char: f"&#{ord(char)};" for char in "&<>\"'\\`*_[]|~#"})
+
+
+def escape(text: Any) -> str:
+    """``text`` shown exactly as written where Markdown or HTML is rendered: no tags, no markup.
+
+    Every message, name, path or file text that reaches a gr.Markdown or gr.HTML goes through
+    here: "write f<n>, l<m>" would otherwise lose "<n>, l<m>" as an unknown HTML tag.
+    """
+    if text is None:
+        return ""
+    return str(text).translate(_MARKUP)
+
+
+def code_block(text: str) -> str:
+    """``text`` as a fenced Markdown code block whose fence no run of backticks inside can close."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
 
 # --------------------------------------------------------------------------- labels and formatting
 
@@ -147,20 +173,49 @@ def _local_time(value: datetime | None) -> str:
 RUN_COLUMNS = ["id", "name", "status", "method", "model", "data", "epochs", "accuracy [95% CI]", "duration", "created"]
 
 
-def runs_frame(runs: Iterable[Any], now: datetime | None = None) -> pd.DataFrame:
+def runs_frame(runs: Iterable[Any], now: datetime | None = None,
+               flags: Mapping[int, str] | None = None) -> pd.DataFrame:
+    """The Runs table; ``flags``: run id -> the class ("yes"/"no") a run answered at least 95% of the time."""
     rows = [
         [run.id, short_paths_in(run.name), run.status, method_title(run.method), model_label(run.base_model),
          data_label(run.data_source), epochs_label(run),
-         format_accuracy(run.accuracy, run.accuracy_low, run.accuracy_high), format_duration(run_duration(run, now)),
+         format_accuracy(run.accuracy, run.accuracy_low, run.accuracy_high) + one_class_mark((flags or {}).get(run.id)),
+         format_duration(run_duration(run, now)),
          _local_time(run.created_at)]
         for run in runs
     ]
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
+def one_class_mark(flag: str | None) -> str:
+    """The mark by a run's accuracy when it answered one class at least 95% of the time."""
+    return f" ⚠ ≥95% “{flag}”" if flag else ""
+
+
+def phase_text(method: str, name: str, done: int | None, total: int | None) -> str:
+    """A phase as the live view names it, with its own progress.
+
+    "training stage 2 of 2 (ReFT): step 3 of 8", "evaluating lora epoch 1: 32 of 64 questions",
+    "converting the embedded model (once)…".
+    """
+    kind, _, rest = name.partition(" ")
+    if kind == "training":
+        stages = METHOD_STAGES.get(method, ())
+        stage = rest.strip()
+        number = f" {stages.index(stage) + 1} of {len(stages)}" if stage in stages else ""
+        text = f"training stage{number} ({escape(method_title(stage))})"
+        return f"{text}: step {done or 0} of {total}" if total else text
+    if kind == "evaluating" and total:
+        return f"{escape(name)}: {done or 0} of {total} questions"
+    return f"{escape(name)}…"
+
+
 def _progress_bits(run: Any, progress: Mapping[str, Any]) -> list[str]:
     step, total = progress.get("step") or 0, progress.get("total_steps") or 0
     bits = []
+    if progress.get("phase") and run.status == RunStatus.RUNNING:
+        bits.append("**" + phase_text(run.method, str(progress["phase"]), progress.get("phase_done"),
+                                      progress.get("phase_total")) + "**")
     if progress.get("stage"):
         bits.append(f"stage **{progress['stage']}**")
     if progress.get("epoch") is not None:
@@ -172,10 +227,26 @@ def _progress_bits(run: Any, progress: Mapping[str, Any]) -> list[str]:
     if progress.get("tokens_per_second"):
         bits.append(f"{float(progress['tokens_per_second']):.0f} tokens/s")
     if run.status == RunStatus.RUNNING and progress.get("eta_seconds") is not None:
-        bits.append(f"ETA {format_duration(progress['eta_seconds'])} (training steps)")
+        basis = escape(progress.get("eta_basis") or "training steps")
+        bits.append(f"ETA {format_duration(progress['eta_seconds'])} ({basis})")
     if progress.get("device"):
         bits.append(f"device {progress['device']}")
     return bits
+
+
+def placement_line(run: Any) -> str:
+    """Where a run trains or trained: the host or Ray node and its devices ("" before it started)."""
+    node, devices = getattr(run, "node", None), getattr(run, "devices", None)
+    if not node and not devices:
+        return ""
+    executor = getattr(run, "executor", None)
+    where = " · ".join(escape(part) for part in (node, devices) if part)
+    return f"Where: {where}" + (" (Ray cluster)" if executor == "ray" else "")
+
+
+def executor_markdown(line: str) -> str:
+    """The Runs tab's line on where runs train (a Ray cluster: nodes, GPUs, CPUs, or why it is unusable)."""
+    return f"**{escape(line)}**" if line else ""
 
 
 def progress_markdown(run: Any | None, now: datetime | None = None) -> str:
@@ -183,7 +254,7 @@ def progress_markdown(run: Any | None, now: datetime | None = None) -> str:
     if run is None:
         return "*No run selected. Click a row in the table above, or enter a run id.*"
     icon = STATUS_ICONS.get(run.status, "")
-    head = f"### Run #{run.id} — {html.escape(short_paths_in(run.name))}\n**Status: {icon} {run.status}**"
+    head = f"### Run #{run.id} — {escape(short_paths_in(run.name))}\n**Status: {icon} {run.status}**"
     if run.cancel_requested and run.status == RunStatus.RUNNING:
         head += " (cancel requested; stops at the next step)"
     progress = run.progress or {}
@@ -195,11 +266,15 @@ def progress_markdown(run: Any | None, now: datetime | None = None) -> str:
         if bits:
             lines.append(" · ".join(bits))
         if progress.get("data_label"):
-            lines.append(f"Data: {html.escape(str(progress['data_label']))} — {progress.get('train_examples', '?')} "
+            lines.append(f"Data: {escape(progress['data_label'])} — {progress.get('train_examples', '?')} "
                          f"train / {progress.get('eval_examples', '?')} eval questions")
+    where = placement_line(run)
+    if where:
+        lines.append(where)
     duration = run_duration(run, now)
     if duration is not None:
         lines.append(f"Elapsed: {format_duration(duration)}")
+    lines += resume_lines(getattr(run, "resumes", None) or [])
     if run.accuracy is not None:
         accuracy = format_accuracy(run.accuracy, run.accuracy_low, run.accuracy_high)
         lines.append(f"**Accuracy: {accuracy}** on {run.eval_n} questions")
@@ -208,12 +283,44 @@ def progress_markdown(run: Any | None, now: datetime | None = None) -> str:
         counts = ", ".join(f"{stage} {format_int(int(n))}" for stage, n in by_stage.items())
         lines.append(f"Trainable parameters: {counts}")
     if run.error and run.status != RunStatus.COMPLETED:
-        lines.append("```text\n" + run.error.strip()[-2000:] + "\n```")
+        lines.append(code_block(run.error.strip()[-2000:]))
     return "\n\n".join(lines)
 
 
+def _when(iso: Any) -> str:
+    try:
+        return _local_time(datetime.fromisoformat(str(iso)))
+    except ValueError:
+        return escape(str(iso))
+
+
+def resume_lines(resumes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per resume of a run (storage's ``Run.resumes``): from where, and how much work it kept."""
+    lines = []
+    for entry in resumes:
+        who = "by the worker at start-up" if entry.get("by") == "worker" else "by hand"
+        when = _when(entry.get("at"))
+        if "from_step" not in entry:
+            lines.append(f"↻ Resume requested {who} ({when}); waiting for the worker.")
+        elif entry["from_step"]:
+            stage, epoch = escape(str(entry.get("stage") or "")), float(entry.get("from_epoch") or 0)
+            lines.append(f"↻ **Resumed from step {int(entry['from_step'])}** ({stage} epoch {epoch:g}) {who} ({when}): "
+                         f"the checkpoint saved {format_duration(entry.get('saved_seconds') or 0)} of training.")
+        else:
+            lines.append(f"↻ Resumed {who} ({when}) with no usable checkpoint: it restarted from step 0.")
+    return lines
+
+
+def resume_message(run_id: int, point: Mapping[str, Any] | None) -> str:
+    """What Resume did; ``point`` is the checkpoint it continues from (app.service.resume_point), if any."""
+    if point is None:
+        return f"Run #{run_id} queued again; it has no checkpoint yet, so it restarts from step 0."
+    return (f"Run #{run_id} queued again to resume from step {point['step']} ({escape(str(point['stage']))} epoch "
+            f"{float(point['epoch']):g}): the checkpoint keeps {format_duration(point['train_seconds'])} of training.")
+
+
 def missing_run_message(value: Any) -> str:
-    return f"⚠️ Run {html.escape(repr(value))} does not exist (it may have been deleted)."
+    return f"⚠️ Run {escape(repr(value))} does not exist (it may have been deleted)."
 
 
 def is_active(status: str | None) -> bool:
@@ -225,6 +332,8 @@ EVAL_COLUMNS = ["cumulative_epoch", "accuracy", "stage", "low", "high"]
 # Every stage a chart can show. Each frame names all of them (see _with_stage_placeholders), so the
 # colours and the legend are the same for every run and every update.
 LOSS_STAGES = ("lora", "reft")
+RESUME_SERIES = "resumed"  # a vertical rule on the loss chart at the step a run resumed from
+RUN_LOSS_TITLE = "Training loss per step"  # the Runs tab's chart of one run
 EVAL_STAGES = ("base", "lora", "reft")
 
 
@@ -257,10 +366,25 @@ def _accuracy_row(evaluation: Mapping[str, Any], label: str) -> list[Any]:
             100 * (evaluation.get("accuracy_low") or accuracy), 100 * (evaluation.get("accuracy_high") or accuracy)]
 
 
-def loss_frame(metrics: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+def loss_frame(metrics: Sequence[Mapping[str, Any]], resumed_at: Sequence[int] = ()) -> pd.DataFrame:
+    """Loss per step by stage; with ``resumed_at`` (steps a run resumed from), a vertical "resumed" rule
+    at the latest (one series: several rules would be joined by a line)."""
     rows = _thin([m for m in metrics if m.get("loss") is not None])
     frame = pd.DataFrame([[m["step"], float(m["loss"]), m["stage"]] for m in rows], columns=LOSS_COLUMNS)
-    return _with_stage_placeholders(frame, LOSS_STAGES, "loss")
+    marks = [int(step) for step in resumed_at if step]
+    if not marks or frame.empty:
+        return _with_stage_placeholders(frame, LOSS_STAGES, "loss")
+    step = marks[-1]
+    rule = pd.DataFrame([[step, frame["loss"].min(), RESUME_SERIES], [step, frame["loss"].max(), RESUME_SERIES]],
+                        columns=LOSS_COLUMNS)
+    return _with_stage_placeholders(pd.concat([frame, rule], ignore_index=True), (*LOSS_STAGES, RESUME_SERIES), "loss")
+
+
+def loss_title(resumed_at: Sequence[int] = ()) -> str:
+    """The loss chart's title. It changes with a resume, which also makes Gradio redraw the chart with the
+    "resumed" series in its colour domain (fixed at the first render otherwise; see _with_stage_placeholders)."""
+    marks = [int(step) for step in resumed_at if step]
+    return f"{RUN_LOSS_TITLE} (↻ resumed from step {marks[-1]})" if marks else RUN_LOSS_TITLE
 
 
 def eval_frame(evals: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
@@ -299,7 +423,7 @@ def warning(markdown: str) -> str:
 
 def error(text: str) -> str:
     """Plain text shown as a warning (escaped: it may quote user input or a file's text)."""
-    return warning(html.escape(text, quote=False))
+    return warning(escape(text))
 
 
 def queued_message(run_ids: Sequence[int]) -> str:
@@ -320,8 +444,22 @@ def requeue_message(run_id: int, new_id: int) -> str:
     return f"Re-queued run #{run_id} as run #{new_id}."
 
 
-def delete_message(run_id: Any, deleted: bool) -> str:
-    return f"Deleted run #{int(run_id)} and its files." if deleted else f"Run {html.escape(str(run_id))} did not exist."
+def delete_message(run_id: Any, deleted: Any) -> str:
+    """What Delete did: ``deleted`` is storage.queries.DeletedRun (what happened to the files), True, or falsy."""
+    if not deleted:
+        return f"Run {escape(run_id)} did not exist."
+    files = getattr(deleted, "files", None)
+    path = escape(getattr(deleted, "path", ""))
+    if files == "deleted":
+        return f"Deleted run #{int(run_id)} and its run directory {path}."
+    if files == "kept":
+        reason = escape(deleted.reason)
+        return f"Deleted run #{int(run_id)} from the list; kept its files in {path} because {reason}."
+    if files == "missing":
+        return f"Deleted run #{int(run_id)}; its run directory {path} was already gone."
+    if files == "none":
+        return f"Deleted run #{int(run_id)} (it had no run directory)."
+    return f"Deleted run #{int(run_id)} and its files."
 
 
 def zip_message(run_id: int, size_bytes: int) -> str:
@@ -329,7 +467,7 @@ def zip_message(run_id: int, size_bytes: int) -> str:
 
 
 def upload_message(stored: Path) -> str:
-    return (f"Stored as `{stored}`; the run reads it from there (split 80/20 into train/validation).")
+    return f"Stored as {escape(stored)}; the run reads it from there (split 80/20 into train/validation)."
 
 
 # --------------------------------------------------------------------------- compare
@@ -424,33 +562,118 @@ def compare_runs(runs: Sequence[Any], metrics: Mapping[int, Sequence[Mapping[str
 
 
 def verdicts_markdown(verdicts: Sequence[str]) -> str:
-    return "\n".join(f"- {html.escape(line, quote=False)}" for line in verdicts)
+    return "\n".join(f"- {escape(line)}" for line in verdicts)
 
 
-def accuracy_figure(frame: pd.DataFrame, colors: Mapping[str, str] | None = None) -> Any:
-    """Accuracy vs cumulative epochs per run with 95% interval error bars (matplotlib)."""
+ACCURACY_TITLE = "Accuracy vs cumulative epochs (95% Wilson intervals)"
+LOSS_TITLE = "Training loss per optimizer step"
+# Line styles and markers per compared run, in turn with the colours: a run drawn under another
+# with the same values (a LoRA run under the identical stage 1 of a HEFT run) still shows.
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def _padded(low: float, high: float, share: float = 0.08, least: float = 1e-3) -> tuple[float, float]:
+    """Axis limits with room on both sides, so no point, whisker or cap sits on the frame."""
+    pad = max((high - low) * share, least)
+    return low - pad, high + pad
+
+
+def _figure(title: str) -> tuple[Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=100)
-    if frame.empty:
-        ax.text(0.5, 0.5, "No evaluations yet", ha="center", va="center", transform=ax.transAxes, color="grey")
-    for index, (label, group) in enumerate(frame.groupby("run", sort=False)):
-        group = group.sort_values("cumulative_epoch")
-        offset = (index - (frame["run"].nunique() - 1) / 2) * 0.03  # keep overlapping bars apart
-        ax.errorbar(group["cumulative_epoch"] + offset, group["accuracy"],
-                    yerr=[group["accuracy"] - group["low"], group["high"] - group["accuracy"]],
-                    marker="o", capsize=4, label=label, color=(colors or {}).get(label))
-    ax.set_xlabel("cumulative epochs")
-    ax.set_ylabel("accuracy (%) with 95% CI")
+    fig, ax = plt.subplots(figsize=(7, 3.8), dpi=100)
+    ax.set_title(title, fontsize=10)  # inside the figure: the component shows no label over the plot
     ax.grid(alpha=0.3)
-    if not frame.empty:
-        ax.legend(fontsize=8, loc="best")
+    return fig, ax
+
+
+def _finish(fig: Any, ax: Any, labelled: bool) -> Any:
+    import matplotlib.pyplot as plt
+
+    if labelled:  # below the axes, where it cannot cover data; one entry per line, so none is cut off
+        entries = len(ax.get_legend_handles_labels()[1])
+        fig.set_size_inches(7, 3.6 + 0.2 * entries)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     fig.tight_layout()
     plt.close(fig)
     return fig
+
+
+def accuracy_figure(frame: pd.DataFrame, colors: Mapping[str, str] | None = None,
+                    majority: Mapping[str, Any] | None = None) -> Any:
+    """Accuracy vs cumulative epochs per run with 95% interval error bars (matplotlib); ``majority``
+    ({"answer", "accuracy"}, app.studies.majority_of_runs) is drawn as a horizontal line.
+
+    The y-axis spans every interval's ends with padding (the whole interval stays visible, up to
+    and beyond 100%), and the legend sits below the axes.
+    """
+    fig, ax = _figure(ACCURACY_TITLE)
+    if frame.empty:
+        ax.text(0.5, 0.5, "No evaluations yet", ha="center", va="center", transform=ax.transAxes, color="grey")
+    runs = list(dict.fromkeys(frame["run"])) if not frame.empty else []
+    for index, label in enumerate(runs):
+        group = frame[frame["run"] == label].sort_values("cumulative_epoch")
+        offset = (index - (len(runs) - 1) / 2) * 0.03  # keep overlapping bars apart
+        ax.errorbar(group["cumulative_epoch"] + offset, group["accuracy"],
+                    yerr=[group["accuracy"] - group["low"], group["high"] - group["accuracy"]],
+                    marker=MARKERS[index % len(MARKERS)], linestyle=LINE_STYLES[index % len(LINE_STYLES)],
+                    capsize=4, label=label, color=(colors or {}).get(label))
+    if majority:
+        ax.axhline(majority["accuracy"] * 100, color="grey", linestyle=":",
+                   label=f'majority answer "{majority["answer"]}" {majority["accuracy"] * 100:.1f}%')
+    if not frame.empty:
+        low, high = float(frame["low"].min()), float(frame["high"].max())
+        if majority:
+            low, high = min(low, majority["accuracy"] * 100), max(high, majority["accuracy"] * 100)
+        ax.set_ylim(*_padded(low, high, least=2.0))
+        ax.set_xlim(*_padded(float(frame["cumulative_epoch"].min()), float(frame["cumulative_epoch"].max()),
+                             share=0.05, least=0.3))
+    ax.set_xlabel("cumulative epochs")
+    ax.set_ylabel("accuracy (%) with 95% CI")
+    return _finish(fig, ax, labelled=not frame.empty)
+
+
+def coinciding_steps(frame: pd.DataFrame, tolerance: float = 1e-6) -> dict[str, list[tuple[str, int, int]]]:
+    """{run: [(other run, first step, last step)]} for runs whose losses equal another's at the
+    steps both have (two or more): such curves lie exactly on top of each other."""
+    series = {label: dict(zip(group["step"], group["loss"])) for label, group in frame.groupby("run", sort=False)}
+    found: dict[str, list[tuple[str, int, int]]] = {}
+    for label, losses in series.items():
+        for other, other_losses in series.items():
+            common = sorted(set(losses) & set(other_losses))
+            if other == label or len(common) < 2:
+                continue
+            if all(abs(losses[step] - other_losses[step]) <= tolerance for step in common):
+                found.setdefault(label, []).append((other, int(common[0]), int(common[-1])))
+    return found
+
+
+def loss_figure(frame: pd.DataFrame, colors: Mapping[str, str] | None = None) -> Any:
+    """Overlaid training-loss curves, one line style and marker per run; a run whose curve lies on
+    another's says so in its legend entry ("same as #3 HEFT (1+1 ep) at steps 1–8")."""
+    fig, ax = _figure(LOSS_TITLE)
+    if frame.empty:
+        ax.text(0.5, 0.5, "No training steps", ha="center", va="center", transform=ax.transAxes, color="grey")
+        return _finish(fig, ax, labelled=False)
+    same = coinciding_steps(frame)
+    runs = list(dict.fromkeys(frame["run"]))
+    for index, label in enumerate(runs):
+        group = frame[frame["run"] == label].sort_values("step")
+        notes = [f"same as {other} at steps {first}–{last}" for other, first, last in same.get(label, [])]
+        shown = label + (f" ({'; '.join(notes)})" if notes else "")
+        # Earlier runs are drawn wider, later ones narrower and dashed on top: both stay visible.
+        ax.plot(group["step"], group["loss"], label=shown, color=(colors or {}).get(label),
+                linestyle=LINE_STYLES[index % len(LINE_STYLES)], linewidth=max(1.0, 3.0 - index * 0.7),
+                marker=MARKERS[index % len(MARKERS)], markevery=max(1, len(group) // 12), markersize=5)
+    ax.set_ylim(*_padded(float(frame["loss"].min()), float(frame["loss"].max())))
+    ax.set_xlim(*_padded(float(frame["step"].min()), float(frame["step"].max()), share=0.02, least=0.5))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    return _finish(fig, ax, labelled=True)
 
 
 def paper_context() -> str:
@@ -467,30 +690,44 @@ def paper_context() -> str:
 
 
 def gold_message(answer: bool, source: str) -> str:
-    return f"Gold answer: **{'yes' if answer else 'no'}** (from {html.escape(source, quote=False)})"
+    return f"Gold answer: **{'yes' if answer else 'no'}** (from {escape(source)})"
 
 
 def answered_message(model_ref: str) -> str:
-    return f"Answered with base model **{html.escape(model_label(model_ref), quote=False)}**."
+    return f"Answered with base model **{escape(model_label(model_ref))}**."
 
 
-def slot_cards(answers: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """One card per slot, in slot order; a slot without a run says so."""
+def slot_cards(answers: Sequence[Mapping[str, Any]], pending: Sequence[str] = ()) -> list[Mapping[str, Any]]:
+    """One card per slot, in slot order; a slot still being answered (``pending``) or without a run says so."""
     shown = {a["slot"]: a for a in answers}
-    return [shown.get(slot, {"slot": slot, "title": method_title(slot), "subtitle": "",
-                             "error": f"no {method_title(slot)} run picked"}) for slot in ASK_SLOTS]
+    cards = []
+    for slot in ASK_SLOTS:
+        if slot in shown:
+            cards.append(shown[slot])
+        elif slot in pending:
+            cards.append({"slot": slot, "title": method_title(slot), "subtitle": "", "pending": True})
+        else:
+            cards.append({"slot": slot, "title": method_title(slot), "subtitle": "",
+                          "error": f"no {method_title(slot)} run picked"})
+    return cards
 
 
 def answer_cards_html(results: Sequence[Mapping[str, Any]], gold: bool | None = None) -> str:
-    """Side-by-side cards: one per variant with answer, P(yes), latency and ✓/✗ against the gold answer."""
+    """Side-by-side cards: one per variant with answer, P(yes), latency and ✓/✗ against the gold answer.
+
+    A card still being answered shows "answering…"; the latency is from the question's start.
+    """
     if not results:
         return "<div class='heft-cards-empty'>Answers appear here.</div>"
     cards = []
     for item in results:
-        title = html.escape(str(item.get("title", "")))
-        subtitle = html.escape(str(item.get("subtitle", "")))
-        if item.get("error"):
-            body = f"<div class='heft-card-error'>{html.escape(str(item['error']))}</div>"
+        title = escape(item.get("title", ""))
+        subtitle = escape(item.get("subtitle", ""))
+        if item.get("pending"):
+            body = "<div class='heft-card-wait'>answering…</div>"
+            state = "pending"
+        elif item.get("error"):
+            body = f"<div class='heft-card-error'>{escape(item['error'])}</div>"
             state = "skipped"
         else:
             answer = item["answer"]
@@ -501,11 +738,11 @@ def answer_cards_html(results: Sequence[Mapping[str, Any]], gold: bool | None = 
                 mark = " <span class='heft-mark'>✓</span>" if right else " <span class='heft-mark'>✗</span>"
                 state = "right" if right else "wrong"
             p_yes = float(item["p_yes"])
-            body = (f"<div class='heft-answer'>{html.escape(answer)}{mark}</div>"
+            body = (f"<div class='heft-answer'>{escape(answer)}{mark}</div>"
                     f"<div class='heft-bar'><div style='width:{p_yes * 100:.0f}%'></div></div>"
-                    f"<div class='heft-meta'>P(yes) = {p_yes:.3f} · "
+                    f"<div class='heft-meta'>P(yes) = {p_yes:.3f} · ready after "
                     f"{float(item['latency_seconds']) * 1000:.0f} ms</div>")
-        cards.append(f"<div class='heft-card heft-{state}' data-variant='{html.escape(str(item.get('slot', '')))}'>"
+        cards.append(f"<div class='heft-card heft-{state}' data-variant='{escape(item.get('slot', ''))}'>"
                      f"<div class='heft-card-title'>{title}</div><div class='heft-card-sub'>{subtitle}</div>"
                      f"{body}</div>")
     gold_line = ""

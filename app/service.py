@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,7 +29,7 @@ from app import present
 from app.ask import normalise_model, parse_run_ids
 from app.forms import UPLOAD_EXTENSIONS, default_local_dir, error_text
 from app.logs import LOG_FILE, log_tail
-from heft_common.errors import ConfigError, DataError, HeftError
+from heft_common.errors import ConfigError, DataError, ExportError, HeftError, RunNotFound
 from heft_common.home import data_home
 from heft_common.vocabulary import (
     ACTIVE_STATUSES,
@@ -54,12 +55,16 @@ LIST_LIMIT = 500
 
 
 def check_config(config: RunConfig) -> None:
-    """Model-shape and data-source checks (static checks ran when ``config`` was built)."""
+    """Model-shape, tokenizer and data-source checks (static checks ran when ``config`` was built)."""
     from heft_core.data import validate_source
-    from heft_core.models import model_info  # loads torch: only when a run is queued
+    from heft_core.models import load_tokenizer, model_info, needs_conversion  # loads torch: only when queued
 
     info = model_info(config.model)
     config.validate_for_model(info.num_layers, set(info.linear_modules))
+    # One-token answers and a template that leaves room in max_length. The embedded model's tokenizer is
+    # only cheap once its cache exists (converting it takes ~30 s); before that the training process checks.
+    if not needs_conversion(config.model):
+        config.validate_for_tokenizer(load_tokenizer(config.model))
     validate_source(config.data)
 
 
@@ -102,8 +107,26 @@ def requeue_run(engine: Any, run_id: Any) -> Run:
     return queries.requeue(engine, queries.validate_run_id(run_id))
 
 
-def delete_run(engine: Any, run_id: Any) -> bool:
-    return queries.delete_run(engine, queries.validate_run_id(run_id), data_home())
+def resume_run(engine: Any, run_id: Any) -> tuple[Run, dict[str, Any] | None]:
+    """Queue an interrupted, cancelled or crashed run again as itself (same id, same history), and the
+    checkpoint it will continue from (None: it has none yet and restarts from step 0)."""
+    run = queries.resume_run(engine, queries.validate_run_id(run_id))
+    return run, resume_point(run)
+
+
+def resume_point(run: Run) -> dict[str, Any] | None:
+    """Where a resume of ``run`` continues: the newest checkpoint's step, stage, epoch and training seconds."""
+    from heft_core.checkpoint import latest_checkpoint_summary  # light: no torch
+
+    manifest = latest_checkpoint_summary(run.artifact_dir) if run.artifact_dir else None
+    if manifest is None:
+        return None
+    return {key: manifest.get(key) for key in ("step", "stage", "epoch", "train_seconds", "written_at")}
+
+
+def delete_run(engine: Any, run_id: Any) -> queries.DeletedRun | None:
+    """What deleting the run did to its files (see present.delete_message), or None if it did not exist."""
+    return queries.delete_run_report(engine, queries.validate_run_id(run_id), data_home())
 
 
 # ---------------------------------------------------------------------- reading runs
@@ -138,7 +161,10 @@ def runs_table(engine: Any, status: str | None, method: str | None, text: str | 
                shown: str | None) -> tuple[pd.DataFrame | None, str, bool]:
     """The runs table for the filters: (the frame, or None when it is what ``shown`` already shows;
     its signature; whether any run is queued or running, so the table keeps polling fast)."""
-    frame = present.runs_frame(list_runs(engine, **filter_args(status, method, text)))
+    from app.studies import one_class_flags  # loads scipy and statsmodels: only when a table is built
+
+    runs = list_runs(engine, **filter_args(status, method, text))
+    frame = present.runs_frame(runs, flags=one_class_flags(runs))
     signature = frame.to_json()
     return (None if signature == shown else frame), signature, any_active(engine)
 
@@ -164,6 +190,7 @@ class Actions:
 
     cancel: bool = False
     requeue: bool = False
+    resume: bool = False
     delete: bool = False
     download: bool = False
 
@@ -173,8 +200,16 @@ def run_actions(run: Run | None) -> Actions:
         return Actions()
     active = run.status in ACTIVE_STATUSES
     has_dir = bool(run.artifact_dir) and Path(run.artifact_dir).is_dir()
-    return Actions(cancel=active, requeue=run.status in REQUEUEABLE_STATUSES, delete=run.status != RunStatus.RUNNING,
+    return Actions(cancel=active, requeue=run.status in REQUEUEABLE_STATUSES,
+                   resume=queries.resume_blocker(run) is None, delete=run.status != RunStatus.RUNNING,
                    download=has_dir and not active)
+
+
+def executor_status() -> str:
+    """The Runs tab's line on the Ray cluster runs train on (from the worker's record in the data home)."""
+    from app.ray_executor import executor_line  # no ray import: it reads the worker's executor.json
+
+    return present.executor_markdown(executor_line())
 
 
 def run_log(run: Run) -> str:
@@ -206,6 +241,7 @@ class LiveView:
     state: dict[str, Any]
     keep_polling: bool
     loss: Any = None
+    loss_title: str = present.RUN_LOSS_TITLE
     send_loss: bool = True
     accuracy: Any = None
     accuracy_limits: present.Limits | None = None
@@ -215,6 +251,7 @@ class LiveView:
     config: dict[str, Any] = field(default_factory=dict)
     send_config: bool = True
     actions: Actions | None = field(default_factory=Actions)  # None: leave the buttons as they are
+    export: ExportOptions | None = None  # the Export section; None: leave it as it is
 
 
 def live_view(engine: Any, value: Any, state: Mapping[str, Any] | None, full: bool) -> LiveView:
@@ -223,7 +260,7 @@ def live_view(engine: Any, value: Any, state: Mapping[str, Any] | None, full: bo
     state = dict(state or {})
     if run is None:
         message = present.progress_markdown(None) if not value else present.missing_run_message(value)
-        return LiveView(message, dict(EMPTY_LIVE_STATE), keep_polling=False)
+        return LiveView(message, dict(EMPTY_LIVE_STATE), keep_polling=False, export=export_options(None))
     metrics = queries.metrics_since(engine, run.id, 0)
     evals = queries.evaluations(engine, run.id)
     last_metric = metrics[-1]["id"] if metrics else 0
@@ -231,6 +268,7 @@ def live_view(engine: Any, value: Any, state: Mapping[str, Any] | None, full: bo
     changed = full or not same_run or last_metric != state.get("last_metric") or len(evals) != state.get("n_evals")
     status_changed = full or not same_run or run.status != state.get("status")
     active = run.status in ACTIVE_STATUSES
+    resumed_at = [entry["from_step"] for entry in run.resumes if entry.get("from_step")]
     # Gradio applies new data and new axis limits together only when the limits stay the same:
     # after the limits change, the same accuracy chart is sent once more on the next tick.
     accuracy = present.eval_frame(evals)
@@ -241,11 +279,13 @@ def live_view(engine: Any, value: Any, state: Mapping[str, Any] | None, full: bo
                  "eval_limits": limits if send_accuracy else state.get("eval_limits"), "resend_eval": resend}
     return LiveView(
         present.progress_markdown(run), new_state, keep_polling=active or resend,
-        loss=present.plot_frame(present.loss_frame(metrics)), send_loss=changed,
+        loss=present.plot_frame(present.loss_frame(metrics, resumed_at)), loss_title=present.loss_title(resumed_at),
+        send_loss=changed,
         accuracy=None if accuracy.empty else accuracy, accuracy_limits=limits, send_accuracy=send_accuracy,
         log=run_log(run), send_log=changed or status_changed or active,
         config=run.config, send_config=full or not same_run,
         actions=run_actions(run) if status_changed else None,
+        export=export_options(run) if status_changed else None,
     )
 
 
@@ -312,7 +352,30 @@ def compare(engine: Any, selected: Sequence[Any] | None) -> dict[str, Any] | Non
         return None
     metrics = {r.id: queries.metrics_since(engine, r.id, 0) for r in runs}
     evals = {r.id: queries.evaluations(engine, r.id) for r in runs}
-    return present.compare_runs(runs, metrics, evals, {r.id: _correctness(r) for r in runs})
+    result = present.compare_runs(runs, metrics, evals, {r.id: _correctness(r) for r in runs})
+    _add_majority(result, runs)
+    return result
+
+
+def _add_majority(result: dict[str, Any], runs: Sequence[Run]) -> None:
+    """The majority-class baseline as a row of the table (and ``result["majority"]`` for the chart's line);
+    each run that answered one class >= 95% of the time marked by its accuracy."""
+    from app.studies import majority_of_runs, one_class_flags
+
+    table = result["table"]
+    for index, flag in ((i, one_class_flags([run]).get(run.id)) for i, run in enumerate(runs)):
+        if flag:
+            table.iat[index, table.columns.get_loc("accuracy [95% CI]")] += present.one_class_mark(flag)
+    majority = majority_of_runs(runs)
+    result["majority"] = majority
+    if majority is None:
+        return
+    where = "" if majority["same_questions"] else f" (run #{majority['run_id']}'s questions)"
+    row = {column: None for column in table.columns}
+    row.update({"run": f"majority answer “{majority['answer']}”{where}", "method": "always the majority class",
+                "accuracy [95% CI]": present.format_accuracy(majority["accuracy"], majority["low"], majority["high"]),
+                "n": majority["n"], "trainable params": "0"})
+    result["table"] = pd.concat([table, pd.DataFrame([row], columns=table.columns)], ignore_index=True)
 
 
 # ---------------------------------------------------------------------- ask
@@ -386,6 +449,104 @@ def zip_run_dir(run_dir: str | os.PathLike, run_id: int, out_dir: str | os.PathL
     return Path(shutil.make_archive(str(base), "zip", root_dir=str(run_dir)))
 
 
+# ---------------------------------------------------------------------- export (heft_core.export)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What the Runs view's Export section offers for one run."""
+
+    formats: list[tuple[str, str]]  # (title, format name) dropdown choices, the method's default first
+    note: str = ""  # why this run cannot be exported; "" when it can
+
+    @property
+    def allowed(self) -> bool:
+        return bool(self.formats)
+
+
+def _export_blocker(run: Run | None) -> str | None:
+    """Why ``run`` cannot be exported, or None when it can."""
+    from heft_core.export import formats_for_method
+
+    if run is None:
+        return "select a run to export it"
+    if not formats_for_method(run.method):
+        return f"a {METHOD_DESCRIPTIONS.get(run.method, run.method)} run has nothing trained to export"
+    if run.status != RunStatus.COMPLETED:
+        return f"run #{run.id} is {run.status}; only a completed run can be exported"
+    if not run.artifact_dir or not Path(run.artifact_dir).is_dir():
+        return f"run #{run.id} has no run directory to export"
+    return None
+
+
+def export_options(run: Run | None) -> ExportOptions:
+    """The formats ``run`` exports as (heft_core.export.formats_for_method), or why it cannot be exported."""
+    from heft_core.export import EXPORT_FORMATS, formats_for_method
+
+    blocker = _export_blocker(run)
+    if blocker is not None:
+        return ExportOptions([], blocker)
+    return ExportOptions([(EXPORT_FORMATS[name].title, name) for name in formats_for_method(run.method)])
+
+
+def _exportable(engine: Any, run_id: Any, fmt: str | None) -> tuple[Run, str]:
+    """The run and the checked format (None or "": the method's default), or ExportError / RunNotFound."""
+    from heft_core.export import check_format
+
+    valid = queries.validate_run_id(run_id)
+    run = queries.get_run(engine, valid)
+    if run is None:
+        raise RunNotFound(f"run {valid} does not exist")
+    blocker = _export_blocker(run)
+    if blocker is not None:
+        raise ExportError(blocker)
+    return run, check_format(fmt or None, run.method)
+
+
+def export_run_archive(engine: Any, run_id: Any, fmt: str | None, out_dir: str | os.PathLike | None = None) -> Path:
+    """Export a completed run as ``fmt`` and zip it into ``out_dir`` (default: a fresh temporary directory,
+    removed again if the export fails); returns the zip (heft_core.export.export_archive)."""
+    from heft_core.export import export_archive
+
+    run, fmt = _exportable(engine, run_id, fmt)
+    target = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="heft-export-"))
+    try:
+        return export_archive(run.artifact_dir, target / f"heft-run-{run.id:06d}-{fmt}.zip", fmt)
+    except BaseException:
+        if out_dir is None:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+
+
+def push_run(engine: Any, run_id: Any, fmt: str | None, repo_id: str, private: bool = False,
+             api: Any = None) -> str:
+    """Export a completed run into a temporary folder and push it to the hub repo ``repo_id``; returns its URL.
+
+    The token comes from HF_TOKEN or the logged-in Hugging Face CLI (heft_core.export.resolve_token); it is
+    checked before the export starts and is never stored or logged. ``api``: a stand-in for HfApi in tests.
+    """
+    from heft_core.export import check_repo_id, export_run, push_to_hub, resolve_token
+
+    run, fmt = _exportable(engine, run_id, fmt)
+    repo = check_repo_id(repo_id)
+    token = resolve_token()
+    with tempfile.TemporaryDirectory(prefix="heft-push-") as scratch:
+        folder = export_run(run.artifact_dir, Path(scratch) / f"heft-run-{run.id:06d}-{fmt}", fmt)
+        return push_to_hub(folder, repo, private=bool(private), token=token, api=api)
+
+
+def export_run_payload(engine: Any, run_id: Any, fmt: str | None) -> dict[str, Any]:
+    """The export_run API: {"path": the zip (in a fresh temporary directory)} or {"error": "..."}."""
+    try:
+        path = export_run_archive(engine, run_id, fmt)
+    except HeftError as exc:  # unknown run, unfinished run, base run, bad format
+        return {"error": str(exc)}
+    except Exception as exc:  # a bug or a damaged run directory: logged; the client gets one line
+        logger.exception("export_run failed")
+        return {"error": error_text(exc)}
+    return {"path": str(path)}
+
+
 # ---------------------------------------------------------------------- API payloads
 
 
@@ -397,6 +558,7 @@ RUN_FIELDS = (
     "id", "name", "status", "method", "base_model", "data_source", "eval_signature", "batch_id", "created_at",
     "started_at", "finished_at", "cancel_requested", "error", "artifact_dir", "trainable_params", "accuracy",
     "accuracy_low", "accuracy_high", "eval_n", "train_seconds", "tokens_per_second", "total_epochs",
+    "executor", "node", "devices",  # where it trained: "local" or "ray", the host or Ray node, the GPUs
 )
 METRIC_FIELDS = ("id", "stage", "epoch", "step", "loss", "learning_rate", "tokens_per_second", "elapsed_seconds")
 EVAL_FIELDS = ("stage", "epoch", "cumulative_epoch", "accuracy", "accuracy_low", "accuracy_high", "n")
@@ -407,6 +569,7 @@ def run_summary(run: Any) -> dict[str, Any]:
     summary = {key: _iso(getattr(run, key, None)) for key in RUN_FIELDS}
     summary["trainable_params_by_stage"] = run.trainable_params_by_stage
     summary["progress"] = run.progress
+    summary["resumes"] = run.resumes
     return summary
 
 
@@ -459,22 +622,41 @@ def cancel_run_payload(engine: Any, run_id: Any) -> dict[str, Any]:
         return {"error": str(exc)}
 
 
-def list_runs_payload(engine: Any, status: str = "") -> list[dict[str, Any]]:
+def resume_run_payload(engine: Any, run_id: Any) -> dict[str, Any]:
+    """{"run_id", "status": "queued", "checkpoint": {step, stage, epoch, train_seconds, written_at} or None},
+    or {"error"}."""
+    try:
+        run, point = resume_run(engine, run_id)
+    except (HeftError, ValueError) as exc:  # RunNotFound; storage refuses a run that cannot be resumed
+        return {"error": str(exc)}
+    return {"run_id": run.id, "status": run.status, "checkpoint": point}
+
+
+def list_runs_payload(engine: Any, status: str = "") -> list[dict[str, Any]] | dict[str, str]:
+    """The list_runs API: run summaries newest first, or {"error": "..."} like every other endpoint."""
     wanted = (status or "").strip().lower() or None
     if wanted and wanted not in STATUSES:
-        return [{"error": f"unknown status {status!r}; use one of {', '.join(STATUSES)} or ''"}]
+        return {"error": f"unknown status {status!r}; use one of {', '.join(STATUSES)} or ''"}
     return [run_summary(run) for run in list_runs(engine, status=wanted)]
 
 
-def run_detail_payload(engine: Any, run_id: Any) -> dict[str, Any]:
+def run_detail_payload(engine: Any, run_id: Any, after_step: Any = None) -> dict[str, Any]:
+    """The run_detail API. ``after_step`` (optional): only metrics of later steps, so a poller does not
+    receive the whole history each time (None or 0: all of them)."""
     try:
         valid = queries.validate_run_id(run_id)
     except HeftError as exc:  # RunNotFound
         return {"error": str(exc)}
+    if after_step is not None:
+        if isinstance(after_step, float) and after_step.is_integer():
+            after_step = int(after_step)  # Gradio number inputs deliver floats
+        if isinstance(after_step, bool) or not isinstance(after_step, int) or not 0 <= after_step < 2**63:
+            return {"error": f"after_step must be a step number >= 0 (0: all steps), got {after_step!r}"}
     run = queries.get_run(engine, valid)
     if run is None:
         return {"error": f"run {valid} does not exist"}
-    return run_detail(run, queries.metrics_since(engine, valid, 0), queries.evaluations(engine, valid))
+    metrics = queries.metrics_since(engine, valid, 0, after_step=after_step or None)
+    return run_detail(run, metrics, queries.evaluations(engine, valid))
 
 
 def ask_payload(asker: Any, passage: str, question: str, run_ids_json: str) -> dict[str, Any]:

@@ -82,9 +82,8 @@ class Report:
 
 def random_workload(vocab: int, batch_size: int, length: int, num_batches: int, seed: int, lengths: str = "full") -> Any:
     """Random token batches: ``num_batches`` x ``batch_size`` rows of ``length`` tokens, random yes/no labels."""
-    from heft_core.prompt import EncodedExample
-
     from bench.throughput import Workload
+    from heft_core.prompt import EncodedExample
 
     rng = random.Random(seed)
     chunks = []

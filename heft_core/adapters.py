@@ -131,7 +131,8 @@ class ReftAnswerModel(AnswerModel):
 
     def prefix_end(self, batch: Batch) -> int:
         """First column any intervention touches in ``batch``; 0 when there is no prefix to reuse."""
-        return self._prefix_end(batch, intervention_positions(batch, self.first, self.last, self.settings.share_weights))
+        groups = intervention_positions(batch, self.first, self.last, self.settings.share_weights)
+        return self._prefix_end(batch, groups)
 
     def logits_after_prefix(self, batch: Batch, cache: Any, cut: int) -> torch.Tensor:
         """Answer logits when ``cache`` already holds the host's keys and values of columns ``[:cut]``

@@ -275,7 +275,7 @@ class PlannedRun:
 
     def optimizer_steps(self, train_examples: int) -> int:
         """Optimizer steps of this run on ``train_examples`` training rows (0 for base)."""
-        return sum(stage.optimizer_steps(train_examples) for _, stage in self.config.stages())
+        return sum(stage.optimizer_steps(train_examples, self.config.processes) for _, stage in self.config.stages())
 
     def queue_fields(self) -> dict[str, Any]:
         """One item of ``storage.queries.create_study``'s ``runs``."""

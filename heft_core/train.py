@@ -286,7 +286,6 @@ class _Trainer:
         params = model.trainable_parameters()
         optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
         total = settings.optimizer_steps(len(self.p.train_encoded), self.accelerator.num_processes)
-        self.callbacks.on_phase(training_phase(stage), 0, total)
         scheduler = get_scheduler(
             settings.scheduler, optimizer, num_warmup_steps=int(settings.warmup_ratio * total), num_training_steps=total
         )
@@ -301,6 +300,7 @@ class _Trainer:
         if point is not None:
             self.restore_stage(point, optimizer, scheduler, rng)
             first_epoch, skip_batches = point.stage_epochs_done + 1, point.batches_done
+        self.callbacks.on_phase(training_phase(stage), scheduler.last_epoch, total)  # steps of this stage done
         self.last_checkpoint_at = time.monotonic()
 
         for epoch in range(first_epoch, settings.epochs + 1):

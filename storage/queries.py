@@ -638,7 +638,8 @@ def _orphan_reason(row: Any, now: datetime, stale_after_s: float, is_alive: Call
                     + (" (that PID now belongs to another process, e.g. after a restart)" if reused else ""))
         if alive is True and not stuck:
             return None
-    elif row.worker_pid is not None and row.worker_pid > 0 and not is_alive(row.worker_pid):
+    elif not stuck and row.worker_pid is not None and row.worker_pid > 0 and not is_alive(row.worker_pid):
+        # (A cancel does not go by a bare PID: without a worker id only a silent heartbeat ends the run here.)
         return f"worker process {row.worker_pid} is no longer running"
     if not stale:
         return None

@@ -78,3 +78,42 @@ def home(tmp_path, monkeypatch) -> Path:
     """A private data home (HEFT_HOME) for this test."""
     monkeypatch.setenv("HEFT_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
+
+
+def quick_config(model: str, method: str, **overrides):
+    """A one-epoch config on 32 training and 32 evaluation examples (seconds on the tiny Llama)."""
+    from heft_core.config import StageSettings
+    from tests.tiny import make_config
+
+    one_epoch = dict(epochs=1, learning_rate=1e-2, batch_size=8, warmup_ratio=0.0)
+    return make_config(
+        model,
+        method,
+        train_size=32,
+        eval_size=32,
+        lora_stage=StageSettings(**one_epoch),
+        reft_stage=StageSettings(**one_epoch),
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="session")
+def quick_runs(tiny_model, easy_data, tmp_path_factory) -> dict[str, Path]:
+    """One short finished run directory per trained method (tests export them; they must not change them):
+    ReFT with unshared first/last interventions, HEFT shared."""
+    from heft_core.config import ReftSettings
+    from heft_core.train import train
+
+    root = tmp_path_factory.mktemp("quick-runs")
+    configs = {
+        "lora": quick_config(tiny_model, "lora"),
+        "reft": quick_config(
+            tiny_model,
+            "reft",
+            reft=ReftSettings(rank=4, layers=[1, 3], positions="f2+l2", share_weights=False, dropout=0.0),
+        ),
+        "heft": quick_config(
+            tiny_model, "heft", reft=ReftSettings(rank=4, layers="all", positions="f1+l2", dropout=0.0)
+        ),
+    }
+    return {method: Path(train(config, root / method, data=easy_data).run_dir) for method, config in configs.items()}

@@ -1,4 +1,5 @@
 """Smoke tests of the benchmark scripts on the tiny random Llama (no timing assertions)."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,13 @@ def test_reference_batches_match_the_real_collators(tiny_model):
     answers = [20, 21, 20]
     positions = [throughput.pyreft_positions(len(p), 2, 2) for p in prompts]
     ours = throughput.make_reference_batch(prompts, answers, tokenizer.pad_token_id, positions, num_interventions=3)
-    features = [{"input_ids": p + [a], "labels": [-100] * len(p) + [a], "intervention_locations": [pos] * 3} for p, a, pos in zip(prompts, answers, positions)]
-    collator = pyreft.ReftDataCollator(data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, label_pad_token_id=-100, padding="longest"))
+    features = [
+        {"input_ids": p + [a], "labels": [-100] * len(p) + [a], "intervention_locations": [pos] * 3}
+        for p, a, pos in zip(prompts, answers, positions)
+    ]
+    collator = pyreft.ReftDataCollator(
+        data_collator=DataCollatorForSeq2Seq(tokenizer=tokenizer, label_pad_token_id=-100, padding="longest")
+    )
     theirs = collator(features)
     for key in ("input_ids", "attention_mask", "labels", "intervention_locations"):
         assert torch.equal(ours[key], theirs[key].long()), key
@@ -39,7 +45,11 @@ def test_step_flops_formula():
     assert forward == pytest.approx(2 * params, rel=1e-3)
     full = throughput.step_flops(config, (8, 512), logit_positions=8, lowest_trainable_layer=-1)
     top_only = throughput.step_flops(config, (8, 512), logit_positions=8, lowest_trainable_layer=30)
-    assert top_only < full < 3 * throughput.step_flops(config, (8, 512), logit_positions=8, lowest_trainable_layer=-1, train=False)
+    assert (
+        top_only
+        < full
+        < 3 * throughput.step_flops(config, (8, 512), logit_positions=8, lowest_trainable_layer=-1, train=False)
+    )
 
 
 def test_generation_answer_parsing():
@@ -50,9 +60,21 @@ def test_generation_answer_parsing():
 
 def test_throughput_quick_on_tiny_model(tiny_model, tmp_path):
     out = tmp_path / "throughput.md"
-    report = throughput.main([
-        "--quick", "--model", tiny_model, "--data", "synthetic", "--reft-configs", "1,2:l1", "--memory-repeats", "0", "--out", str(out),
-    ])
+    report = throughput.main(
+        [
+            "--quick",
+            "--model",
+            tiny_model,
+            "--data",
+            "synthetic",
+            "--reft-configs",
+            "1,2:l1",
+            "--memory-repeats",
+            "0",
+            "--out",
+            str(out),
+        ]
+    )
     assert out.read_text() == report
     for title in ("LoRA (rank 8", "Precision", "ReFT (LoReFT rank 4, layers 1,2, positions l1)", "Evaluation"):
         assert title in report
@@ -79,10 +101,24 @@ def test_throughput_no_bf16_measures_no_bf16_peak(tiny_model, tmp_path, monkeypa
         return throughput.MatmulPeak(1e9, 256, (256,), 0.0)
 
     monkeypatch.setattr(throughput, "timed_matmul_peak", spy)
-    report = throughput.main([
-        "--quick", "--no-bf16", "--pairs", "lora,reft", "--model", tiny_model, "--data", "synthetic",
-        "--reft-configs", "1,2:l1", "--memory-repeats", "0", "--out", str(tmp_path / "throughput.md"),
-    ])
+    report = throughput.main(
+        [
+            "--quick",
+            "--no-bf16",
+            "--pairs",
+            "lora,reft",
+            "--model",
+            tiny_model,
+            "--data",
+            "synthetic",
+            "--reft-configs",
+            "1,2:l1",
+            "--memory-repeats",
+            "0",
+            "--out",
+            str(tmp_path / "throughput.md"),
+        ]
+    )
     assert "## Failures" not in report, report
     assert torch.float32 in asked  # before the groups and after each one
     assert torch.bfloat16 not in asked
@@ -96,7 +132,9 @@ def test_throughput_no_bf16_measures_no_bf16_peak(tiny_model, tmp_path, monkeypa
 
 
 class FakeMatmulMachine:
-    """A fake clock and multiply timer: bigger multiplies run closer to ``flops_per_second``; a new size costs a warm-up too."""
+    """A fake clock and multiply timer.
+
+    Bigger multiplies run closer to ``flops_per_second``; a new size costs a warm-up too."""
 
     def __init__(self, flops_per_second: float) -> None:
         self.rate = flops_per_second
@@ -125,14 +163,22 @@ class FakeMatmulMachine:
 def test_throughput_peak_sizes_are_bounded_by_the_time_budget(rate, budget):
     machine = FakeMatmulMachine(rate)
     peak = throughput.timed_matmul_peak(
-        torch.device("cpu"), torch.float32, budget_s=budget, multiply_limit_s=0.2,
-        time_multiply=machine.time_multiply, clock=machine.clock,
+        torch.device("cpu"),
+        torch.float32,
+        budget_s=budget,
+        multiply_limit_s=0.2,
+        time_multiply=machine.time_multiply,
+        clock=machine.clock,
     )
     assert machine.now <= budget  # the whole measurement, warm-ups included
     assert machine.timed[0] == throughput.PEAK_START_SIZE and machine.timed == sorted(machine.timed)
     assert all(machine.multiply_seconds(n) <= 0.2 for n in machine.timed)
     biggest = max(machine.timed)
-    assert biggest == throughput.PEAK_MAX_SIZE or machine.multiply_seconds(throughput.next_peak_size(biggest)) > 0.2 or budget < 1
+    assert (
+        biggest == throughput.PEAK_MAX_SIZE
+        or machine.multiply_seconds(throughput.next_peak_size(biggest)) > 0.2
+        or budget < 1
+    )
     assert peak.size == biggest and peak.sizes == tuple(dict.fromkeys(machine.timed))
     assert peak.flops_per_second == pytest.approx(machine.rate_at(biggest))
     assert machine.timed.count(biggest) == 3 or budget < 1  # best of three at the final size
@@ -141,10 +187,14 @@ def test_throughput_peak_sizes_are_bounded_by_the_time_budget(rate, budget):
 def test_throughput_peak_on_emulated_bf16_stops_small():
     """The CPU of the report: bf16 without units at ~1 GFLOP/s; the old fixed ladder went to 3072 (~60 s a multiply)."""
     machine = FakeMatmulMachine(1e9)
-    peak = throughput.timed_matmul_peak(torch.device("cpu"), torch.bfloat16, time_multiply=machine.time_multiply, clock=machine.clock)
+    peak = throughput.timed_matmul_peak(
+        torch.device("cpu"), torch.bfloat16, time_multiply=machine.time_multiply, clock=machine.clock
+    )
     assert peak.size <= 512 and machine.now <= throughput.PEAK_BUDGET_S
     slow = FakeMatmulMachine(1e6)  # even the first size is over budget: it is timed once, nothing more
-    throughput.timed_matmul_peak(torch.device("cpu"), torch.bfloat16, time_multiply=slow.time_multiply, clock=slow.clock)
+    throughput.timed_matmul_peak(
+        torch.device("cpu"), torch.bfloat16, time_multiply=slow.time_multiply, clock=slow.clock
+    )
     assert slow.timed == [throughput.PEAK_START_SIZE]
 
 
@@ -166,11 +216,31 @@ def test_throughput_notes_emulated_bf16():
 
 def test_reproduce_smoke_records_runs(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("HEFT_HOME", str(tmp_path / "home"))
-    summary = reproduce.main([
-        "--model", tiny_model, "--data", "synthetic", "--train-size", "16", "--eval-size", "16", "--epochs", "1",
-        "--heft-splits", "1+1", "--max-length", "64", "--no-long", "--batch-size", "8", "--out", str(tmp_path / "out"),
-        "--db", str(tmp_path / "home" / "heft.db"),
-    ])
+    summary = reproduce.main(
+        [
+            "--model",
+            tiny_model,
+            "--data",
+            "synthetic",
+            "--train-size",
+            "16",
+            "--eval-size",
+            "16",
+            "--epochs",
+            "1",
+            "--heft-splits",
+            "1+1",
+            "--max-length",
+            "64",
+            "--no-long",
+            "--batch-size",
+            "8",
+            "--out",
+            str(tmp_path / "out"),
+            "--db",
+            str(tmp_path / "home" / "heft.db"),
+        ]
+    )
     runs = {r["name"]: r for r in summary["runs"]}
     assert set(runs) == {"base-s42", "lora-1ep-s42", "reft-1ep-s42", "heft-1+1-s42"}
     assert all(r["error"] is None and r["n"] == 16 for r in runs.values())
@@ -192,13 +262,36 @@ def test_reproduce_smoke_records_runs(tiny_model, tmp_path, monkeypatch):
         assert bool(queries.metrics_since(engine, run.id)) == (run.method != "base")  # a zero-shot run has no steps
 
     # --resume takes finished runs with the same settings from the output directory, trains the rest
-    args = ["--model", tiny_model, "--data", "synthetic", "--train-size", "16", "--eval-size", "16", "--epochs", "1",
-            "--heft-splits", "1+1", "--max-length", "64", "--no-long", "--batch-size", "8", "--out", str(tmp_path / "out"),
-            "--db", str(tmp_path / "home" / "heft.db"), "--resume"]
+    args = [
+        "--model",
+        tiny_model,
+        "--data",
+        "synthetic",
+        "--train-size",
+        "16",
+        "--eval-size",
+        "16",
+        "--epochs",
+        "1",
+        "--heft-splits",
+        "1+1",
+        "--max-length",
+        "64",
+        "--no-long",
+        "--batch-size",
+        "8",
+        "--out",
+        str(tmp_path / "out"),
+        "--db",
+        str(tmp_path / "home" / "heft.db"),
+        "--resume",
+    ]
     again = {r["name"]: r for r in reproduce.main(args)["runs"]}
     for name, run in runs.items():
         assert (again[name]["accuracy"], again[name]["db_run_id"]) == (run["accuracy"], run["db_run_id"])
-        assert again[name]["train_seconds"] == pytest.approx(run["train_seconds"], abs=0.01)  # run.json keeps 2 decimals
+        assert again[name]["train_seconds"] == pytest.approx(
+            run["train_seconds"], abs=0.01
+        )  # run.json keeps 2 decimals
     assert len(queries.list_runs(engine)) == 4
     assert all(run["resumed"] for run in again.values())
     assert "4 of 4 runs read back" in (tmp_path / "out" / "results.md").read_text()
@@ -211,7 +304,9 @@ def test_reproduce_smoke_records_runs(tiny_model, tmp_path, monkeypatch):
 def test_gpu_check_code_paths_on_cpu(tmp_path, monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
     out = tmp_path / "gpu_check.md"
-    report = gpu_check.main(["--device", "cpu", "--tiny", "--sections", "lora,reft,eval", "--reft-configs", "1,2:l1", "--out", str(out)])
+    report = gpu_check.main(
+        ["--device", "cpu", "--tiny", "--sections", "lora,reft,eval", "--reft-configs", "1,2:l1", "--out", str(out)]
+    )
     assert "## Failures" not in report, report
     assert "HEFT stage 2" in report and "Evaluation" in report and "LoRA (rank 8" in report
     assert out.read_text() == report

@@ -2,6 +2,7 @@
 
 Marked slow (minutes on 2 CPU cores); still part of `make test`.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,17 @@ _CONVERT = "from heft_core.models import embedded_model_dir; print(embedded_mode
 
 def test_two_processes_converting_the_cache_at_once_get_one_whole_cache(tmp_path):
     env = dict(os.environ, HEFT_HOME=str(tmp_path / "home"))
-    procs = [subprocess.Popen([sys.executable, "-c", _CONVERT], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CONVERT],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
     paths = {out.strip().splitlines()[-1] for out, _ in outputs}

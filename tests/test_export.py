@@ -24,41 +24,16 @@ from heft_common.errors import ExportError, HeftError
 from heft_core import export
 from heft_core.artifacts import load_run
 from heft_core.cli import main
-from heft_core.config import ReftSettings, StageSettings
 from heft_core.prompt import PromptEncoder
-from heft_core.train import train
-from tests.tiny import make_config
 
 PROMPTS = 8  # validation questions scored by the fresh process
 
 
-def _quick(model: str, method: str, **overrides):
-    one_epoch = dict(epochs=1, learning_rate=1e-2, batch_size=8, warmup_ratio=0.0)
-    return make_config(
-        model,
-        method,
-        train_size=32,
-        eval_size=32,
-        lora_stage=StageSettings(**one_epoch),
-        reft_stage=StageSettings(**one_epoch),
-        **overrides,
-    )
-
-
 @pytest.fixture(scope="module")
-def runs(tiny_model, easy_data, tmp_path_factory):
-    """One short run per trained method: ReFT with unshared first/last interventions, HEFT shared."""
-    root = tmp_path_factory.mktemp("export-runs")
-    configs = {
-        "lora": _quick(tiny_model, "lora"),
-        "reft": _quick(
-            tiny_model,
-            "reft",
-            reft=ReftSettings(rank=4, layers=[1, 3], positions="f2+l2", share_weights=False, dropout=0.0),
-        ),
-        "heft": _quick(tiny_model, "heft", reft=ReftSettings(rank=4, layers="all", positions="f1+l2", dropout=0.0)),
-    }
-    return {method: Path(train(config, root / method, data=easy_data).run_dir) for method, config in configs.items()}
+def runs(quick_runs):
+    """One short run per trained method (tests/conftest.py): ReFT with unshared first/last interventions, HEFT
+    shared."""
+    return quick_runs
 
 
 EXPORTS = {  # name -> (run, format)

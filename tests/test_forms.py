@@ -20,6 +20,7 @@ DISTINCT = {
     "*.scheduler": ("cosine", "cosine"),
     "max_length": (96, 96), "train_size": (50, 50), "eval_size": (20, 20), "seed": (9, 9),
     "heft_stage2_mode": ("merged", "merged"), "precision": ("no", "no"),
+    "checkpoint_minutes": (2.5, 2.5), "keep_epoch_checkpoints": (True, True), "processes": (2, 2),
 }
 
 

@@ -4,7 +4,8 @@
 by name in a :class:`~app.ui.manager.Manager`) and wires its events; handlers call the plain
 modules ``app.forms``, ``app.present`` and ``app.service``. Everything a page shows comes from
 the database or from run directories, so a reload or a second tab shows the same state.
-Named API endpoints (gradio_client): start_run, cancel_run, list_runs, run_detail, ask.
+Named API endpoints (gradio_client): start_run, cancel_run, list_runs, run_detail, ask, start_study,
+study_report, cancel_study.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import Any
 import gradio as gr
 
 from app.ask import AskService
-from app.ui import api, ask, compare, runs, train
+from app.startup import import_engine_modules
+from app.ui import api, ask, compare, runs, studies, train
 from app.ui.manager import Manager
 from app.ui.style import CSS, THEME
 from heft_common.errors import HeftError
@@ -47,6 +49,9 @@ def _warm(model_ref: str) -> None:
 def build_demo(engine: Any = None) -> gr.Blocks:
     engine = engine if engine is not None else open_db()
     asker = AskService(engine)
+    # transformers' lazy imports are not thread-safe: import the engine here, before the warm-up thread and
+    # before any request can import it at the same time ("cannot import name 'AutoConfig'").
+    import_engine_modules()
     # Reading the embedded model's shape takes ~10 s the first time; do it before anyone asks.
     threading.Thread(target=_warm, args=(EMBEDDED_MODEL,), daemon=True, name="heft-warm").start()
     ui = Manager()
@@ -57,10 +62,12 @@ def build_demo(engine: Any = None) -> gr.Blocks:
             train.layout(ui)
             runs.layout(ui)
             compare.layout(ui)
+            studies.layout(ui)
             ask.layout(ui)
         train.wire(ui, engine, demo)
         runs.wire(ui, engine, demo)
         compare.wire(ui, engine)
+        studies.wire(ui, engine)
         ask.wire(ui, engine, asker)
         api.register(engine, asker)
     demo.heft_ask_service = asker  # so callers can release the model (demo.heft_ask_service.close())

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Iterator
 
 import gradio as gr
 
@@ -33,7 +33,7 @@ def layout(ui: Manager) -> None:
                     ui.add("ask.example_source", gr.Dropdown(service.example_sources(), value=SYNTHETIC_DATA,
                                                              allow_custom_value=True, label="Example data", scale=2))
                     ui.add("ask.example", gr.Button("Random validation example", scale=1))
-                ui.add("ask.gold_msg", gr.Markdown(""))
+                ui.add("ask.gold_msg", gr.Markdown("", elem_id="heft-gold-msg"))
             with gr.Column(scale=2):
                 for slot, name in zip(TRAINED_METHODS, PICKS):
                     ui.add(name, gr.Dropdown([service.NO_RUN], value=0, label=f"{present.method_title(slot)} run",
@@ -69,19 +69,35 @@ def wire(ui: Manager, engine: Any, asker: AskService) -> None:
         gold = {"passage": example.passage, "question": example.question, "answer": bool(example.answer)}
         return example.passage, example.question, present.gold_message(example.answer, source), gold
 
-    def on_ask(data: dict[Any, Any]) -> tuple[str, str]:
+    def on_ask(data: dict[Any, Any]) -> Iterator[tuple[str, str]]:
+        """Each card as soon as its variant is answered (variants sharing a prompt pass come together)."""
         values = ui.values(data)
         passage, question = values["ask.passage"], values["ask.question"]
+        gold = service.gold_for(values["ask.gold"], passage, question)
+        picked = _picked(values)
+        waiting = ["base", *(slot for slot, run_id in picked.items() if run_id)]
+        yield "Answering…", present.answer_cards_html(present.slot_cards([], pending=waiting), gold)
+        result: dict[str, Any] | None = None
         try:
-            result = asker.answer(passage, question, _picked(values), values["ask.model"])
+            for result in asker.answer_iter(passage, question, picked, values["ask.model"]):
+                cards = present.slot_cards(result["answers"], pending=result["pending"])
+                yield "Answering…", present.answer_cards_html(cards, gold)
         except HeftError as exc:  # AskError and what it wraps: the message says why
-            return present.error(str(exc)), present.answer_cards_html([])
+            yield present.error(str(exc)), present.answer_cards_html([])
+            return
         except Exception as exc:  # a model that fails to run: say so, keep the page alive
             logger.exception("ask failed")
-            return present.error(f"could not answer: {type(exc).__name__}: {exc}"), present.answer_cards_html([])
-        gold = service.gold_for(values["ask.gold"], passage, question)
-        cards = present.answer_cards_html(present.slot_cards(result["answers"]), gold)
-        return present.answered_message(result["model"]), cards
+            yield present.error(f"could not answer: {type(exc).__name__}: {exc}"), present.answer_cards_html([])
+            return
+        if result is not None:
+            yield (present.answered_message(result["model"]),
+                   present.answer_cards_html(present.slot_cards(result["answers"]), gold))
+
+    def on_edit(passage: str, question: str, gold: dict | None) -> tuple[Any, Any]:
+        """A question typed over a drawn example is the user's own: its gold answer no longer applies."""
+        if gold is None or service.gold_for(gold, passage, question) is not None:
+            return gr.skip(), gr.skip()
+        return "", None
 
     def on_release() -> str:
         asker.close()
@@ -95,3 +111,6 @@ def wire(ui: Manager, engine: Any, asker: AskService) -> None:
                             ui.get("ask.passage", "ask.question", "ask.gold_msg", "ask.gold"), **PRIVATE)
     ask_inputs = ui.inputs(("ask.passage", "ask.question", *PICKS, "ask.model", "ask.gold"))
     ui["ask.answer"].click(on_ask, ask_inputs, ui.get("ask.msg", "ask.cards"), **PRIVATE)
+    edit_inputs = ui.get("ask.passage", "ask.question", "ask.gold")
+    for box in ("ask.passage", "ask.question"):  # typed, pasted or set: a drawn example keeps its gold answer
+        ui[box].change(on_edit, edit_inputs, ui.get("ask.gold_msg", "ask.gold"), show_progress="hidden", **PRIVATE)

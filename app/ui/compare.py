@@ -32,10 +32,12 @@ def layout(ui: Manager) -> None:
                                              interactive=False))
         ui.add("compare.pairs", gr.Dataframe(pd.DataFrame(columns=present.PAIR_COLUMNS), interactive=False, wrap=True,
                                              label="Pairwise McNemar exact tests (same questions)"))
+        # matplotlib figures with their titles inside (a component label would sit over the top of the
+        # plot), one line style and marker per run, legends below the axes (present.loss_figure).
         with gr.Row():
-            ui.add("compare.loss", gr.LinePlot(None, x="step", y="loss", color="run", title="Training loss",
-                                               height=300, elem_id="heft-compare-loss"))
-            ui.add("compare.accuracy", gr.Plot(label="Accuracy vs cumulative epochs (95% Wilson intervals)",
+            ui.add("compare.loss", gr.Plot(label=present.LOSS_TITLE, show_label=False, format="png",
+                                           elem_id="heft-compare-loss"))
+            ui.add("compare.accuracy", gr.Plot(label=present.ACCURACY_TITLE, show_label=False, format="png",
                                                elem_id="heft-compare-acc"))
 
 
@@ -53,9 +55,9 @@ def wire(ui: Manager, engine: Any) -> None:
         if result is None:
             empty = present.compare_runs([], {}, {}, {})
             return "Pick two or more completed runs.", empty["table"], empty["pairs"], None, None
-        loss = gr.LinePlot(value=present.plot_frame(result["loss"]), color_map=result["colors"])
-        return (present.verdicts_markdown(result["verdicts"]), result["table"], result["pairs"], loss,
-                present.accuracy_figure(result["accuracy"], result["colors"]))
+        return (present.verdicts_markdown(result["verdicts"]), result["table"], result["pairs"],
+                present.loss_figure(result["loss"], result["colors"]),
+                present.accuracy_figure(result["accuracy"], result["colors"], result.get("majority")))
 
     pick = ui["compare.pick"]
     ui["compare.tab"].select(on_tab, pick, pick, **PRIVATE)

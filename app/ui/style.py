@@ -25,6 +25,9 @@ CSS = """
 .heft-bar > div { height: 100%; background: var(--color-accent); }
 .heft-meta { font-size: 0.85em; margin-top: 6px; opacity: 0.85; }
 .heft-card-error { color: #b45309; font-size: 0.9em; }
+.heft-msg:not(:has(p, li, table)) { display: none !important; }  /* field messages: shown when not empty */
+.heft-card.heft-pending { opacity: 0.65; border-style: dashed; }
+.heft-card-wait { font-size: 1.1em; margin: 10px 0 4px; opacity: 0.8; }
 .heft-gold { margin-top: 10px; }
 .heft-cards-empty { opacity: 0.6; padding: 12px; }
 #heft-estimate table { font-size: 0.9em; }

@@ -10,7 +10,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import forms, present, service
+from app import forms, present, service, timing
 from app.ui.manager import Manager
 from app.ui.runs import TABLE_SECONDS
 from heft_common.errors import HeftError
@@ -22,6 +22,41 @@ logger = logging.getLogger(__name__)
 PRIVATE = {"api_visibility": "private"}
 FORM = forms.FORM_FIELDS + (forms.UPLOAD_FIELD,)  # what a handler of the whole form reads
 # Parts the method choice shows, hides or locks (see on_method).
+# Where each field's validation message shows: right below the row or group that holds the field.
+# ReFT layers and positions have their own live messages (train.layers_msg, train.positions_msg).
+MESSAGE_AREAS = ("train.data_msg", "train.lora_msg", "train.reft_msg", "train.stage_msg", "train.training_msg")
+STAGE_ROW = ("lora_stage.epochs", "reft_stage.epochs", "lora_stage.learning_rate", "reft_stage.learning_rate")
+OWN_MESSAGES = ("reft.layers", "reft.positions")
+
+
+def message_area(field: str) -> str | None:
+    """The message component next to ``field`` (None: the field has its own live message)."""
+    if field in OWN_MESSAGES:
+        return None
+    if field in ("data_kind", "data_local", forms.UPLOAD_FIELD):
+        return "train.data_msg"
+    if field.startswith("lora."):
+        return "train.lora_msg"
+    if field.startswith("reft."):
+        return "train.reft_msg"
+    return "train.stage_msg" if field in STAGE_ROW else "train.training_msg"
+
+
+def field_messages(errors: dict[str, str]) -> dict[str, str]:
+    """{message area: Markdown} for every area, empty where its fields are valid."""
+    shown: dict[str, list[str]] = {area: [] for area in MESSAGE_AREAS}
+    for field, message in errors.items():
+        area = message_area(field)
+        if area is not None:
+            shown[area].append(present.error(message))
+    return {area: "\n\n".join(lines) for area, lines in shown.items()}
+
+
+def _elem_id(name: str) -> str:
+    """"lora.rank" -> "heft-f-lora-rank", "*.batch_size" -> "heft-f-all-batch_size" (stable ids for tests)."""
+    return "heft-f-" + name.replace("*", "all").replace(".", "-")
+
+
 METHOD_DEPENDENT = ("train.lora_group", "train.reft_group", "include_base", "lora_stage.epochs", "reft_stage.epochs",
                     "lora_stage.learning_rate", "reft_stage.learning_rate", "heft_stage2_mode")
 
@@ -31,7 +66,9 @@ def layout(ui: Manager) -> None:
     form0 = forms.default_form()
 
     def field(name: str, kind: type, *args: Any, **kwargs: Any) -> Any:
-        return ui.add(name, kind(*args, value=form0[name], **kwargs))
+        # No minimum=/maximum= on number boxes: Gradio's own range check fails before any handler, with a
+        # pop-up that names no field; our validation (app.forms.field_errors) names the option and its range.
+        return ui.add(name, kind(*args, value=form0[name], elem_id=_elem_id(name), **kwargs))
 
     with gr.Tab("Train", id="train"):
         with gr.Row():
@@ -70,25 +107,27 @@ def _data_source(ui: Manager, field: Any) -> None:
         field("data_kind", gr.Radio, forms.DATA_KINDS, label="Data source")
         field("data_local", gr.Textbox, label="Local BoolQ directory or file", visible=False,
               info="train/validation .jsonl/.json/.csv/.parquet (google/boolq or SuperGLUE schema)")
+        ui.add("train.data_msg", gr.Markdown("", elem_classes="heft-note heft-pad heft-msg", elem_id="heft-data-msg"))
         with gr.Row(visible=False) as upload_row:
             ui.add("train.upload", gr.File(label="Upload a data file (.jsonl/.json/.csv/.parquet; split 80/20)",
                                            file_types=list(forms.UPLOAD_EXTENSIONS), scale=2))
             ui.add(forms.UPLOAD_FIELD, gr.Textbox("", label="Uploaded file (stored in the data home)",
                                                   interactive=False, scale=3))
         ui.add("train.upload_row", upload_row)
-        ui.add("train.upload_msg", gr.Markdown("", elem_classes="heft-note heft-pad"))
+        ui.add("train.upload_msg", gr.Markdown("", elem_classes="heft-note heft-pad heft-msg"))
 
 
 def _lora_options(ui: Manager, field: Any) -> None:
     with gr.Group() as lora_group:
         gr.Markdown("**LoRA** (weight space; HEFT stage 1)")
         with gr.Row():
-            field("lora.rank", gr.Number, label="rank r", precision=0, minimum=1)
+            field("lora.rank", gr.Number, label="rank r", precision=0)
             field("lora.alpha", gr.Number, label="alpha")
             field("lora.dropout", gr.Number, label="dropout", step=0.01)
             field("lora.layers", gr.Textbox, label="layers (empty = all)", placeholder="e.g. 0-11")
         field("lora.target_modules", gr.CheckboxGroup, forms.LORA_MODULES,
               label="target modules (the model's linear layers)")
+        ui.add("train.lora_msg", gr.Markdown("", elem_classes="heft-note heft-pad heft-msg", elem_id="heft-lora-msg"))
     ui.add("train.lora_group", lora_group)
 
 
@@ -96,15 +135,16 @@ def _reft_options(ui: Manager, field: Any, form0: dict[str, Any]) -> None:
     with gr.Group() as reft_group:
         gr.Markdown("**ReFT** (LoReFT on the residual stream; HEFT stage 2)")
         with gr.Row():
-            field("reft.rank", gr.Number, label="rank r", precision=0, minimum=1)
+            field("reft.rank", gr.Number, label="rank r", precision=0)
             field("reft.layers", gr.Textbox, label="layers", placeholder="all, or 0,2,4-7")
             field("reft.positions", gr.Textbox, label="positions", placeholder="f7+l7, l1, f3")
             field("reft.dropout", gr.Number, label="dropout", step=0.01)
         with gr.Row():
             field("reft.share_weights", gr.Checkbox, label="share weights between first and last positions")
-            ui.add("train.layers_msg", gr.Markdown("", elem_classes="heft-note"))
+            ui.add("train.layers_msg", gr.Markdown("", elem_classes="heft-note", elem_id="heft-layers-msg"))
             ui.add("train.positions_msg", gr.Markdown(forms.positions_message(form0["reft.positions"]),
-                                                      elem_classes="heft-note"))
+                                                      elem_classes="heft-note", elem_id="heft-positions-msg"))
+        ui.add("train.reft_msg", gr.Markdown("", elem_classes="heft-note heft-pad heft-msg", elem_id="heft-reft-msg"))
     ui.add("train.reft_group", reft_group)
 
 
@@ -112,28 +152,38 @@ def _training_options(ui: Manager, field: Any, form0: dict[str, Any]) -> None:
     with gr.Group():
         gr.Markdown("**Training** (HEFT runs E1 LoRA epochs, then E2 ReFT epochs)", elem_classes="heft-pad")
         with gr.Row():
-            field("lora_stage.epochs", gr.Number, label="LoRA epochs (E1)", precision=0, minimum=0)
-            field("reft_stage.epochs", gr.Number, label="ReFT epochs (E2)", precision=0, minimum=0)
+            field("lora_stage.epochs", gr.Number, label="LoRA epochs (E1)", precision=0)
+            field("reft_stage.epochs", gr.Number, label="ReFT epochs (E2)", precision=0)
             field("lora_stage.learning_rate", gr.Number, label="LoRA learning rate")
             field("reft_stage.learning_rate", gr.Number, label="ReFT learning rate")
+        ui.add("train.stage_msg", gr.Markdown("", elem_classes="heft-note heft-pad heft-msg", elem_id="heft-stage-msg"))
         ui.add("train.epochs_msg", gr.Markdown(forms.epochs_message(form0), elem_classes="heft-note heft-pad",
                                                elem_id="heft-epochs"))
         with gr.Row():
-            field("*.batch_size", gr.Number, label="batch size", precision=0, minimum=1)
-            field("*.grad_accum", gr.Number, label="grad accumulation", precision=0, minimum=1)
+            field("*.batch_size", gr.Number, label="batch size", precision=0)
+            field("*.grad_accum", gr.Number, label="grad accumulation", precision=0)
             field("*.warmup_ratio", gr.Number, label="warmup ratio", step=0.01)
             field("*.weight_decay", gr.Number, label="weight decay", step=0.01)
         with gr.Row():
             field("*.scheduler", gr.Dropdown, list(SCHEDULERS), label="scheduler")
-            field("max_length", gr.Number, label="max length (tokens)", precision=0, minimum=16)
-            field("train_size", gr.Number, label="train subset (0 = all)", precision=0, minimum=0)
-            field("eval_size", gr.Number, label="eval subset (0 = all)", precision=0, minimum=0)
+            field("max_length", gr.Number, label="max length (tokens)", precision=0)
+            field("train_size", gr.Number, label="train subset (0 = all)", precision=0)
+            field("eval_size", gr.Number, label="eval subset (0 = all)", precision=0)
         with gr.Row():
-            field("seed", gr.Number, label="seed", precision=0, minimum=0)
+            field("seed", gr.Number, label="seed", precision=0)
             field("heft_stage2_mode", gr.Dropdown, list(STAGE2_MODES), label="HEFT stage-2 mode",
                   info="adapter: LoRA stays a frozen adapter; merged: merged into the weights")
             field("precision", gr.Dropdown, list(PRECISIONS), label="precision",
                   info="auto: bf16 on a GPU that has it, else fp32")
+            field("processes", gr.Number, label="processes (GPUs) per run", precision=0,
+                  info="data-parallel on one machine; batch size is per process")
+        with gr.Row():
+            field("checkpoint_minutes", gr.Number, label="checkpoint every (minutes)",
+                  info="inside an epoch, for Resume after a crash; 0: only at epoch ends (always written)")
+            field("keep_epoch_checkpoints", gr.Checkbox, label="keep every epoch's checkpoint",
+                  info="else only the latest (a completed run keeps none)")
+        ui.add("train.training_msg", gr.Markdown("", elem_classes="heft-note heft-pad heft-msg",
+                                                 elem_id="heft-training-msg"))
 
 
 def _upload_path(file_value: Any) -> str | None:
@@ -187,9 +237,16 @@ def wire(ui: Manager, engine: Any, demo: gr.Blocks) -> None:
             return gr.skip(), gr.skip(), present.error(str(exc))
         return str(stored), forms.DATA_UPLOAD, present.upload_message(stored)
 
-    def on_estimate(data: dict[Any, Any]) -> tuple[str, str]:
+    def on_estimate(data: dict[Any, Any]) -> list[str]:
+        """The estimate (from this machine's measured speeds), the epoch count and every field's message."""
         form = ui.values(data)
-        return forms.estimate_markdown(form), forms.epochs_message(form)
+        try:
+            speeds = timing.measured_speeds(engine, str(form.get("model") or ""))
+        except HeftError:  # an unreadable model reference: the model message says why
+            speeds = {}
+        messages = field_messages(forms.field_errors(form))
+        return [forms.estimate_markdown(form, speeds=speeds), forms.epochs_message(form),
+                *(messages[area] for area in MESSAGE_AREAS)]
 
     def on_data_kind(kind: str) -> tuple[Any, Any]:
         return gr.Textbox(visible=kind == forms.DATA_LOCAL), gr.Row(visible=kind == forms.DATA_UPLOAD)
@@ -208,7 +265,7 @@ def wire(ui: Manager, engine: Any, demo: gr.Blocks) -> None:
     form_inputs = ui.inputs(FORM)
     model_inputs = ui.get("model", "lora.target_modules", "reft.layers")
     model_outputs = ui.get("lora.target_modules", "train.model_msg", "train.layers_msg")
-    estimate_outputs = ui.get("train.estimate", "train.epochs_msg")
+    estimate_outputs = ui.get("train.estimate", "train.epochs_msg", *MESSAGE_AREAS)
     ui["train.preset"].change(on_preset, ui["train.preset"], ui.get(*forms.FORM_FIELDS, "train.preset_note"), **PRIVATE)
     ui["model"].change(on_model, model_inputs, model_outputs, trigger_mode="always_last", **PRIVATE)
     ui["reft.layers"].change(on_layers, ui.get("model", "reft.layers"), ui["train.layers_msg"], show_progress="hidden",

@@ -1,0 +1,209 @@
+"""The Ray executor on a real two-node Ray cluster on this machine (127.0.0.1 only).
+
+The cluster starts once per test run (``ray_cluster``, Ray's own multi-node test utility) and the
+worker runs in this process, connected to it: runs of a study train as Ray tasks on both nodes and
+report through the worker's channel actor into a real SQLite file. The last test removes a node
+mid-run. Deselect with ``-m "not ray"``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from app import present, service
+from app.launch import free_port
+from app.logs import LOG_FILE
+from app.ray_executor import ClusterUnavailable, RayExecutor, executor_line, read_health
+from app.worker import Worker
+from heft_core.config import LoraSettings, RunConfig, StageSettings
+from heft_core.prompt import PromptTemplate
+from storage import queries
+from storage.db import open_db
+
+pytestmark = pytest.mark.ray
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE_ARGS = {"num_cpus": 1, "object_store_memory": 100 * 2**20, "node_ip_address": "127.0.0.1"}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """Two Ray nodes (one CPU each) on the loopback, started once for the whole test run."""
+    with pytest.MonkeyPatch.context() as patch:
+        # Ray replaces 127.0.0.1 by the machine's outward address unless told this is a one-machine
+        # cluster; with it every Ray process and address stays on the loopback.
+        patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        patch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True, head_node_args=dict(NODE_ARGS, include_dashboard=False))
+        cluster.add_node(**NODE_ARGS)
+        cluster.wait_for_nodes()
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+
+@pytest.fixture
+def two_nodes(ray_cluster):
+    """The cluster with both nodes alive (a test that removed one gets a fresh one here)."""
+    while len(ray_cluster.list_all_nodes()) < 2:
+        ray_cluster.add_node(**NODE_ARGS)
+        ray_cluster.wait_for_nodes()
+    return ray_cluster
+
+
+def wait_for(predicate, timeout: float = 150.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+
+
+def config(model: str, data: str, epochs: int = 1, seed: int = 1) -> RunConfig:
+    return RunConfig(
+        method="lora", model=model, data=data, train_size=None, eval_size=32, max_length=64, seed=seed,
+        template=PromptTemplate(after_question=""), lora=LoraSettings(rank=2, target_modules=["q_proj", "v_proj"]),
+        lora_stage=StageSettings(epochs=epochs, learning_rate=1e-2, batch_size=8),
+    )
+
+
+def start_worker(db: Path, address: str, **options) -> Worker:
+    executor = RayExecutor(address, **options)
+    worker = Worker(db, executor=executor, poll_seconds=0.1, heartbeat_seconds=0.5)
+    worker.thread = worker.start_in_thread()
+    return worker
+
+
+def stop_worker(worker: Worker) -> None:
+    worker.stop()
+    worker.thread.join(timeout=60)
+
+
+def status_of(engine, run_id: int) -> str:
+    return queries.get_run(engine, run_id).status
+
+
+def test_a_study_trains_on_the_cluster_once_per_run_with_metrics_artifacts_and_nodes(
+        two_nodes, home, tiny_model, data_dir):
+    db = home / "heft.db"
+    engine = open_db(db)
+    study = queries.create_study(engine, name="ray study", spec={"arms": ["lora"], "seeds": [1, 2, 3]}, runs=[
+        {"name": f"lora seed {seed}", "method": "lora", "config": config(tiny_model, data_dir, seed=seed).to_dict(),
+         "base_model": tiny_model, "data_source": data_dir, "arm": "lora", "seed": seed} for seed in (1, 2, 3)])
+    runs = queries.study_runs(engine, study.id)
+    worker = start_worker(db, two_nodes.address)
+    try:
+        assert "2 nodes" in executor_line() and "2 CPUs" in executor_line()  # the Runs view's health line
+        wait_for(lambda: all(status_of(engine, run.id) not in ("queued", "running") for run in runs))
+    finally:
+        stop_worker(worker)
+    node_ids = {node.node_id[:12] for node in two_nodes.list_all_nodes()}
+    for run in runs:
+        done = queries.get_run(engine, run.id)
+        assert done.status == "completed", done.error
+        steps = [m["step"] for m in queries.metrics_since(engine, run.id)]
+        # 160 examples / batch 8: every step once, in order
+        assert steps == list(range(1, 21)) == list(range(1, done.progress["total_steps"] + 1))
+        assert [e["stage"] for e in queries.evaluations(engine, run.id)] == ["lora"]
+        run_dir = Path(done.artifact_dir)
+        assert run_dir.parent == home / "runs"
+        assert json.loads((run_dir / "run.json").read_text())["result"]["status"] == "completed"
+        assert (run_dir / "lora").is_dir() and (run_dir / "predictions.jsonl").stat().st_size > 0
+        log = (run_dir / LOG_FILE).read_text()
+        assert log.count("step 20/20") == 1  # trained exactly once; the node's log lines arrived
+        assert done.executor == "ray" and done.devices == "cpu"
+        assert "127.0.0.1" in done.node and done.node.split("Ray node ")[1].rstrip(")") in node_ids
+        assert present.escape(done.node) in present.progress_markdown(done)  # the run view names the node
+        assert service.run_detail_payload(engine, run.id)["node"] == done.node
+    assert read_health()["reachable"] is True
+
+
+def test_cancel_stops_a_remote_run_and_keeps_what_it_did(two_nodes, home, tiny_model, data_dir):
+    db = home / "heft.db"
+    engine = open_db(db)
+    (run,) = service.submit_runs(engine, [config(tiny_model, data_dir, epochs=100)])
+    worker = start_worker(db, two_nodes.address)
+    try:
+        wait_for(lambda: len(queries.metrics_since(engine, run.id)) >= 3)
+        assert service.cancel_run(engine, run.id) == "cancel_requested"
+        wait_for(lambda: status_of(engine, run.id) != "running", timeout=60)
+    finally:
+        stop_worker(worker)
+    cancelled = queries.get_run(engine, run.id)
+    assert cancelled.status == "cancelled", cancelled.error
+    steps = [m["step"] for m in queries.metrics_since(engine, run.id)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) < cancelled.progress["total_steps"]
+    saved = json.loads((Path(cancelled.artifact_dir) / "run.json").read_text())
+    assert saved["result"]["status"] == "cancelled"  # stopped gracefully at a step: what it trained is kept
+
+
+def test_a_wrong_address_is_reported_at_start_and_nothing_is_claimed(home, tiny_model, data_dir):
+    db = home / "heft.db"
+    engine = open_db(db)
+    (run,) = service.submit_runs(engine, [config(tiny_model, data_dir)])
+    nowhere = f"127.0.0.1:{free_port()}"
+    with pytest.raises(ClusterUnavailable, match=f"nothing answers at {nowhere}"):
+        Worker(db, ray_address=nowhere)
+    # The same through the command line and its environment variable, in a process of its own.
+    env = dict(os.environ, HEFT_RAY_ADDRESS=nowhere, HEFT_HOME=str(home))
+    result = subprocess.run([sys.executable, "-m", "app.worker", "--db", str(db)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert f"nothing answers at {nowhere}" in result.stderr
+    still = queries.get_run(engine, run.id)
+    assert still.status == "queued" and still.started_at is None and still.worker_pid is None
+    health = read_health()
+    assert health["reachable"] is False and nowhere in executor_line() and "not reachable" in executor_line()
+
+
+def test_a_node_that_dies_interrupts_its_run_naming_the_node_the_other_finishes_and_it_resumes(
+        two_nodes, home, tiny_model, data_dir):
+    db = home / "heft.db"
+    engine = open_db(db)
+    runs = service.submit_runs(engine, [config(tiny_model, data_dir, epochs=3, seed=1),
+                                        config(tiny_model, data_dir, epochs=3, seed=2)])
+    head_id = two_nodes.head_node.node_id  # this process's node: it holds the worker's channel
+    worker = start_worker(db, two_nodes.address)
+
+    def checkpointed_run_on_the_other_node():
+        for run in runs:
+            row = queries.get_run(engine, run.id)
+            if row.status == "running" and row.node and head_id[:12] not in row.node \
+                    and (Path(row.artifact_dir) / "checkpoints" / "LATEST").exists():
+                return row  # past its first epoch, whose checkpoint travelled here
+        return None
+
+    try:
+        victim = wait_for(checkpointed_run_on_the_other_node)
+        (doomed,) = [node for node in two_nodes.list_all_nodes() if node.node_id[:12] in victim.node]
+        two_nodes.remove_node(doomed)
+        wait_for(lambda: all(status_of(engine, run.id) not in ("queued", "running") for run in runs))
+        interrupted = queries.get_run(engine, victim.id)
+        assert interrupted.status == "interrupted"
+        assert doomed.node_id[:12] in interrupted.error and "127.0.0.1" in interrupted.error
+        (survivor,) = [queries.get_run(engine, run.id) for run in runs if run.id != victim.id]
+        assert survivor.status == "completed", survivor.error
+        assert head_id[:12] in survivor.node
+        # Its checkpoint came back before the node died: Resume continues it on the node that is left.
+        service.resume_run(engine, victim.id)
+        wait_for(lambda: status_of(engine, victim.id) not in ("queued", "running"))
+    finally:
+        stop_worker(worker)
+    resumed = queries.get_run(engine, victim.id)
+    assert resumed.status == "completed", resumed.error
+    assert head_id[:12] in resumed.node and resumed.resumes[0]["from_step"] >= 20
+    steps = [m["step"] for m in queries.metrics_since(engine, victim.id)]
+    assert steps == list(range(1, 61))  # what the dead node did before its checkpoint, then the rest, once each
