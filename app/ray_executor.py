@@ -46,6 +46,7 @@ logger = logging.getLogger("app.ray_executor")
 ADDRESS_ENV = "HEFT_RAY_ADDRESS"
 NAMESPACE = "heft-studio"
 HEALTH_FILE = "executor.json"
+STALE_HEALTH_SECONDS = 120.0  # a running worker rewrites it every 15 s (app.worker.HEALTH_SECONDS)
 # Checkpoints travel to the worker as they are written, so an interrupted run can continue on another node.
 AGAIN = "Resume it to continue from its last checkpoint, or re-queue it to start over."
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,13 +124,13 @@ class _RemoteRun:
     ref: Any  # the task's ObjectRef
     run_dir: Path
     processes: int
-    recorder: "_Recorder"
+    recorder: "RunRecorder"
     placement: dict[str, Any] | None = None
     cancel_sent_at: float | None = None
     force_cancelled: bool = False
 
 
-class _Recorder:
+class RunRecorder:
     """Writes one remote run's events into the database once each, in order, and its log lines to train.log."""
 
     def __init__(self, engine: Any, run_id: int, log_path: Path):
@@ -292,7 +293,7 @@ class RayExecutor:
         archive = pack_run_dir(run_dir) if resume and any(run_dir.iterdir()) else None
         ref = task.options(**options).remote(run.id, run.config, self.channel, processes, self.channel_name, NAMESPACE,
                                              resume, archive)
-        recorder = _Recorder(engine, run.id, run_dir / LOG_FILE)
+        recorder = RunRecorder(engine, run.id, run_dir / LOG_FILE)
         self.remote[run.id] = _RemoteRun(run.id, ref, run_dir, processes, recorder)
         logger.info("run %d submitted to the Ray cluster (%s)", run.id, options)
 
@@ -440,9 +441,13 @@ def read_health() -> dict[str, Any] | None:
         return None
 
 
-def executor_line() -> str:
+def executor_line(now: float | None = None) -> str:
     """One line for the Runs view: where runs train (the Ray cluster and what it offers, or why it is unusable)."""
     state = read_health()
     if not state or state.get("executor") != "ray":
         return ""
-    return str(state.get("line") or "")
+    line = str(state.get("line") or "")
+    age = (time.time() if now is None else now) - float(state.get("written_at") or 0)
+    if state.get("reachable") and age > STALE_HEALTH_SECONDS:  # the worker stopped refreshing it
+        line += f" (as of {age / 60:.0f} min ago: is the worker running?)"
+    return line

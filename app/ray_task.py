@@ -148,7 +148,7 @@ class ChannelCallback(TrainerCallback):
         """Deliver pending events; returns (and remembers) whether the run should stop."""
         import ray
 
-        self._add_new_checkpoint()
+        self.queue_new_checkpoint()
         with self.lock:
             batch, self.pending = self.pending, []
         try:
@@ -161,7 +161,7 @@ class ChannelCallback(TrainerCallback):
         return self.stop
 
 
-    def _add_new_checkpoint(self) -> None:
+    def queue_new_checkpoint(self) -> None:
         """Queue the run's newest checkpoint (and its run_config.json, once) if it has not travelled yet."""
         if self.run_dir is None:
             return
@@ -224,7 +224,7 @@ def pack_run_dir(path: Path) -> bytes:
 
 
 def unpack_checkpoint(data: bytes, run_dir: Path) -> None:
-    """Store a checkpoint that travelled from a node (:meth:`ChannelCallback._add_new_checkpoint`) in ``run_dir``.
+    """Store a checkpoint that travelled from a node (:meth:`ChannelCallback.queue_new_checkpoint`) in ``run_dir``.
 
     Its step directory goes in place before ``LATEST`` names it, as heft_core.checkpoint writes them, so
     a crash in between leaves the previous checkpoint the latest; older step directories are removed.

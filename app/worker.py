@@ -6,7 +6,9 @@ output goes to ``train.log`` in the run directory, so nothing depends on a brows
 connected. The worker heartbeats each running run, and when it starts and on every heartbeat it
 marks runs left ``running`` by a dead or silent worker as interrupted (runs carry the claiming
 worker's id, heft_common.process, not a bare PID: in a container every worker is PID 1). SIGTERM
-stops it like Ctrl-C: its runs are marked interrupted and its children stopped.
+stops it like Ctrl-C: its runs are marked interrupted and its children stopped. Given a Ray address
+(``--ray`` / ``HEFT_RAY_ADDRESS``) it places the runs on that cluster instead (``app.ray_executor``); a run
+of several ``processes`` takes as many GPU slots here (``app.launch``).
 """
 from __future__ import annotations
 

@@ -113,6 +113,8 @@ def measure(side_by_side: Any, passage: str, question: str, names: Sequence[str]
         shared_times.append(seconds[True])
         per_variant_times.append(seconds[False])
         ratios.append(seconds[True] / seconds[False])
+        logger.info("round %d/%d: shared %.3f s, per-variant %.3f s (ratio %.2f)", round_index + 1, repeats,
+                    seconds[True], seconds[False], ratios[-1])
         worst = max(worst, max(abs(answers[True][n] - answers[False][n]) for n in names))
     groups = side_by_side.sharing_groups(passage, question, names)
     return {
@@ -134,8 +136,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--passage-tokens", type=int, default=150)
     parser.add_argument("--positions", default="l1", help="ReFT positions of the ReFT and HEFT runs (lN shares)")
     parser.add_argument("--layers", default=None, help="ReFT layers (default: a quarter, half and three quarters deep)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (each side once per round)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--repeats", type=int, default=6, help="timed rounds (each side once per round)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--distinct-heft", action="store_true",
                         help="also measure a HEFT run whose stage-1 LoRA differs from the LoRA run (3 prompt passes)")
     parser.add_argument("--runs-dir", default=None, help="where the runs are trained (reused when present)")
@@ -171,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name, path in runs.items():
         side_by_side.add_run(name, path)
     load_seconds = time.perf_counter() - load_start
+    logger.info("model and %d runs loaded in %.1f s", len(runs), load_seconds)
     passage = make_passage(side_by_side.tokenizer, args.passage_tokens)
     prompt_tokens = len(side_by_side.variants[BASE].encoder.encode(passage, QUESTION))
     report: dict[str, Any] = {

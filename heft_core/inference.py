@@ -251,30 +251,31 @@ class SideBySide:
     def _answer_group(
         self, adapter: str | None, ids: list[int], members: list[tuple[str, int]],
     ) -> Iterator[tuple[str, float]]:
-        """P(yes) of each member of one sharing group: one prompt pass, then short tails."""
+        """P(yes) of each member of one sharing group: one prompt pass, then a short tail per ReFT run.
+
+        With a member that reads the host's logits, the pass covers the whole prompt and each ReFT
+        run continues from its first columns (keys and values of earlier columns do not depend on
+        later ones); otherwise the pass stops where the first intervention starts.
+        """
         from transformers import DynamicCache  # heavy: deferred
 
         batch = self._batch(ids)
         cuts = sorted({cut for _, cut in members if cut > 0})
-        first = cuts[0] if cuts else len(ids)
-        _, states = self._host_pass(batch, adapter, 0, first, None) if cuts else (None, None)
-        states_at = {first: states} if cuts else {}
-        host_logits = None
+        reads_host = any(cut == 0 for _, cut in members)
+        end = len(ids) if reads_host else cuts[0]
+        host_logits, states = self._host_pass(batch, adapter, 0, end, None)
         for name, cut in members:
             variant = self.variants[name]
             if cut == 0:  # base or LoRA: the host's own logits at the answer position
-                if host_logits is None:
-                    host_logits, _ = (self._host_pass(batch, adapter, first, len(ids), states) if cuts
-                                      else self._host_pass(batch, adapter, 0, len(ids), None))
                 logits = host_logits
             else:
-                if cut not in states_at:  # a later cut: extend the nearest shorter prefix
-                    below = max(c for c in states_at if c < cut)
-                    _, states_at[cut] = self._host_pass(batch, adapter, below, cut, states_at[below])
+                if cut <= end:
+                    prefix = [(keys[:, :, :cut], values[:, :, :cut]) for keys, values in states]
+                else:  # a later cut than the pass reached: extend it (pass ended at the first cut)
+                    _, prefix = self._host_pass(batch, adapter, end, cut, states)
                 with self._lock, self._adapter_context(adapter), torch.no_grad(), \
                         _autocast(self.device, self.precision):
-                    logits = variant.answer_model.logits_after_prefix(
-                        batch, DynamicCache(ddp_cache_data=states_at[cut]), cut)
+                    logits = variant.answer_model.logits_after_prefix(batch, DynamicCache(ddp_cache_data=prefix), cut)
             pair = torch.stack([logits[:, variant.encoder.yes_id], logits[:, variant.encoder.no_id]], dim=-1).float()
             yield name, float(pair.softmax(-1)[0, 0])
 

@@ -625,8 +625,8 @@ def _orphan_reason(row: Any, now: datetime, stale_after_s: float, is_alive: Call
     A run with a ``worker_id`` goes by it (heft_common.process.worker_alive): a worker that is
     known to be gone orphans its run at once; one this process cannot see (another container)
     orphans it when its heartbeat is older than ``stale_after_s``. A run with only a
-    ``worker_pid`` goes by that PID and the heartbeat. ``stuck``: a live worker that stopped
-    heartbeating counts too (a cancel must not wait for it).
+    ``worker_pid`` goes by that PID and the heartbeat. ``stuck`` (a cancel): a live worker that
+    stopped heartbeating counts too, and a bare PID does not (it may name another process).
     """
     last_seen: Optional[datetime] = row.heartbeat_at or row.started_at
     stale = last_seen is None or now - last_seen > timedelta(seconds=stale_after_s)

@@ -1,6 +1,7 @@
 """What the pages show: labels, formatting, messages, chart helpers and answer cards (no browser, no database)."""
 from __future__ import annotations
 
+import html
 from types import SimpleNamespace
 
 import pandas as pd
@@ -32,7 +33,8 @@ def test_labels():
 
 
 def test_messages_escape_what_they_quote():
-    assert present.error("<script>") == "⚠️ &lt;script&gt;"
+    shown = present.error("<script>")
+    assert shown.startswith("⚠️ ") and "<" not in shown and html.unescape(shown) == "⚠️ <script>"
     assert present.warning("**bold**") == "⚠️ **bold**"
     assert present.queued_message([3]) == "✅ Queued 1 run: #3. Opening the Runs tab…"
     assert present.queued_message([3, 4]).startswith("✅ Queued 2 runs: #3, #4.")
@@ -42,12 +44,12 @@ def test_messages_escape_what_they_quote():
     assert present.delete_message(3, True) == "Deleted run #3 and its files."
     assert present.delete_message(3, False) == "Run 3 did not exist."
     assert present.missing_run_message(7) == "⚠️ Run 7 does not exist (it may have been deleted)."
-    assert present.verdicts_markdown(["a <b> c", "d"]) == "- a &lt;b&gt; c\n- d"
-    assert present.gold_message(False, "<src>") == "Gold answer: **no** (from &lt;src&gt;)"
+    assert present.verdicts_markdown(["a <b> c", "d"]) == "- a &#60;b&#62; c\n- d"
+    assert present.gold_message(False, "<src>") == "Gold answer: **no** (from &#60;src&#62;)"
     run = SimpleNamespace(id=1, name="<img src=x>", status="queued", cancel_requested=False, progress={},
                           started_at=None, finished_at=None, accuracy=None, trainable_params_by_stage={}, error=None)
     text = present.progress_markdown(run)
-    assert "&lt;img src=x&gt;" in text and "<img" not in text and "Waiting for the worker" in text
+    assert "&#60;img src=x&#62;" in text and "<img" not in text and "Waiting for the worker" in text
 
 
 def test_chart_helpers():

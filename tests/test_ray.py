@@ -3,7 +3,7 @@
 The cluster starts once per test run (``ray_cluster``, Ray's own multi-node test utility) and the
 worker runs in this process, connected to it: runs of a study train as Ray tasks on both nodes and
 report through the worker's channel actor into a real SQLite file. The last test removes a node
-mid-run. Deselect with ``-m "not ray"``.
+mid-run. Deselect those with ``-m "not ray"``; the replay, packing and health-line tests need no cluster.
 """
 from __future__ import annotations
 
@@ -19,14 +19,23 @@ import pytest
 from app import present, service
 from app.launch import free_port
 from app.logs import LOG_FILE
-from app.ray_executor import ClusterUnavailable, RayExecutor, executor_line, read_health
+from app.ray_executor import (
+    STALE_HEALTH_SECONDS,
+    ClusterSummary,
+    ClusterUnavailable,
+    RayExecutor,
+    RunRecorder,
+    executor_line,
+    ray_health,
+    read_health,
+    write_health,
+)
+from app.ray_task import ChannelCallback, pack_run_dir, unpack_checkpoint, unpack_run_dir
 from app.worker import Worker
 from heft_core.config import LoraSettings, RunConfig, StageSettings
 from heft_core.prompt import PromptTemplate
 from storage import queries
 from storage.db import open_db
-
-pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 100 * 2**20, "node_ip_address": "127.0.0.1"}
@@ -96,6 +105,7 @@ def status_of(engine, run_id: int) -> str:
     return queries.get_run(engine, run_id).status
 
 
+@pytest.mark.ray
 def test_a_study_trains_on_the_cluster_once_per_run_with_metrics_artifacts_and_nodes(
         two_nodes, home, tiny_model, data_dir):
     db = home / "heft.db"
@@ -131,6 +141,7 @@ def test_a_study_trains_on_the_cluster_once_per_run_with_metrics_artifacts_and_n
     assert read_health()["reachable"] is True
 
 
+@pytest.mark.ray
 def test_cancel_stops_a_remote_run_and_keeps_what_it_did(two_nodes, home, tiny_model, data_dir):
     db = home / "heft.db"
     engine = open_db(db)
@@ -150,6 +161,7 @@ def test_cancel_stops_a_remote_run_and_keeps_what_it_did(two_nodes, home, tiny_m
     assert saved["result"]["status"] == "cancelled"  # stopped gracefully at a step: what it trained is kept
 
 
+@pytest.mark.ray
 def test_a_wrong_address_is_reported_at_start_and_nothing_is_claimed(home, tiny_model, data_dir):
     db = home / "heft.db"
     engine = open_db(db)
@@ -169,6 +181,7 @@ def test_a_wrong_address_is_reported_at_start_and_nothing_is_claimed(home, tiny_
     assert health["reachable"] is False and nowhere in executor_line() and "not reachable" in executor_line()
 
 
+@pytest.mark.ray
 def test_a_node_that_dies_interrupts_its_run_naming_the_node_the_other_finishes_and_it_resumes(
         two_nodes, home, tiny_model, data_dir):
     db = home / "heft.db"
@@ -207,3 +220,83 @@ def test_a_node_that_dies_interrupts_its_run_naming_the_node_the_other_finishes_
     assert head_id[:12] in resumed.node and resumed.resumes[0]["from_step"] >= 20
     steps = [m["step"] for m in queries.metrics_since(engine, victim.id)]
     assert steps == list(range(1, 61))  # what the dead node did before its checkpoint, then the rest, once each
+
+
+def test_replayed_events_are_recorded_once_in_order_with_their_log_lines(home, tiny_model, data_dir):
+    engine = open_db(home / "heft.db")
+    (run,) = service.submit_runs(engine, [config(tiny_model, data_dir)])
+    run_dir = home / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    recorder = RunRecorder(engine, run.id, run_dir / LOG_FILE)
+
+    def step(n: int) -> tuple[str, dict]:
+        return ("step", {"stage": "lora", "epoch": n / 20, "step": n, "total_steps": 20, "loss": 1.0 / n,
+                         "learning_rate": 1e-2, "tokens_per_second": 100.0, "elapsed_seconds": float(n)})
+
+    evaluation = ("eval", {"stage": "lora", "epoch": 1, "cumulative_epoch": 1, "accuracy": 0.5, "low": 0.3,
+                           "high": 0.7, "n": 32})
+    begin = ("begin", {"method": "lora", "total_steps": 20, "train_examples": 160, "eval_examples": 32,
+                       "data_label": "easy", "device": "cpu"})
+    placement = {"node_id": "ab" * 28, "ip": "127.0.0.1", "hostname": "node-a", "gpus": [], "pid": 1}
+    assert recorder.replay([("placement", placement), begin, step(1), step(2), ("log", "line one")]) == placement
+    # A batch delivered twice, and a repeat inside one batch, are recorded once.
+    recorder.replay([step(2), step(3), step(3), evaluation, ("log", "line two")])
+    recorder.replay([step(3), evaluation])
+    assert [m["step"] for m in queries.metrics_since(engine, run.id)] == [1, 2, 3]
+    assert len(queries.evaluations(engine, run.id)) == 1
+    assert queries.get_run(engine, run.id).progress["step"] == 3
+    assert (run_dir / LOG_FILE).read_text() == "line one\nline two\n"
+
+
+def test_run_directories_and_checkpoints_travel_whole_and_cannot_escape(tmp_path):
+    node = tmp_path / "node"
+    (node / "lora").mkdir(parents=True)
+    (node / "lora" / "adapter.safetensors").write_bytes(b"weights")
+    (node / "run.json").write_text("{}")
+    (node / LOG_FILE).write_text("streamed already")
+    here = tmp_path / "here"
+    (here / "lora").mkdir(parents=True)
+    (here / "lora" / "stale.bin").write_bytes(b"old")
+    (here / LOG_FILE).write_text("the worker's log")
+    assert sorted(unpack_run_dir(pack_run_dir(node), here)) == ["lora", "run.json"]
+    assert sorted(p.name for p in (here / "lora").iterdir()) == ["adapter.safetensors"]  # replaced whole
+    assert (here / LOG_FILE).read_text() == "the worker's log"
+
+    # Each new checkpoint a run writes on its node travels once; the worker keeps the newest.
+    root = node / "checkpoints"
+    sender = ChannelCallback(channel=None, run_id=1, run_dir=node)
+    for name in ("step-00000005", "step-00000010"):
+        (root / name).mkdir(parents=True)
+        (root / name / "state.json").write_text(name)
+        (root / "LATEST").write_text(name + "\n")
+        (node / "run_config.json").write_text("{}")
+        sender.queue_new_checkpoint()
+        sender.queue_new_checkpoint()  # nothing new: nothing queued
+    shipped = [payload for kind, payload in sender.pending if kind == "checkpoint"]
+    assert len(shipped) == 2
+    for payload in shipped:
+        unpack_checkpoint(payload, here)
+    assert (here / "checkpoints" / "LATEST").read_text().strip() == "step-00000010"
+    assert sorted(p.name for p in (here / "checkpoints").iterdir()) == ["LATEST", "step-00000010"]
+    assert (here / "run_config.json").exists()
+
+    import io
+    import tarfile
+
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w") as archive:
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = 1
+        archive.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(tarfile.TarError):
+        unpack_run_dir(evil.getvalue(), here)
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_the_health_line_says_when_the_worker_stopped_refreshing_it(home):
+    write_health(ray_health(ClusterSummary("127.0.0.1:6379", True, nodes=3, gpus=8, cpus=96)))
+    assert executor_line() == "Ray cluster at 127.0.0.1:6379: 3 nodes, 8 GPUs, 96 CPUs"
+    later = read_health()["written_at"] + STALE_HEALTH_SECONDS + 60
+    assert "is the worker running?" in executor_line(now=later)
+    write_health({"executor": "local", "slots": [None]})
+    assert executor_line() == ""

@@ -1,11 +1,14 @@
 """Resume in a real browser: a cancelled run's Resume button continues it from its checkpoint.
 
-Same fixture and chromium as tests/test_browser.py.
+Same fixture and chromium as tests/test_browser.py; HEFT_SHOTS=<dir> also saves a screenshot of the
+resumed run's view there.
 """
 from __future__ import annotations
 
+import os
 import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +51,9 @@ def test_resume_button_continues_a_cancelled_run(studio, tiny_model, monkeypatch
             expect(progress).to_contain_text("of training")
             expect(page.locator("#heft-loss-plot").locator("canvas, svg").first).to_be_visible(timeout=15_000)
             expect(resume).to_be_disabled(timeout=15_000)  # a completed run has nothing to resume
+            if os.environ.get("HEFT_SHOTS"):
+                Path(os.environ["HEFT_SHOTS"]).mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(Path(os.environ["HEFT_SHOTS"]) / "browser_resumed.png"), full_page=True)
         finally:
             browser.close()
     done = queries.get_run(engine, run.id)

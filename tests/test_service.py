@@ -85,14 +85,17 @@ def test_runs_table_and_the_run_a_page_opens(engine):
 
 
 def test_actions_by_status(tmp_path):
-    def run(status, artifact_dir=None):
-        return SimpleNamespace(status=status, artifact_dir=artifact_dir)
+    def run(status, artifact_dir=None, failure_kind=None):
+        return SimpleNamespace(id=1, status=status, artifact_dir=artifact_dir, failure_kind=failure_kind)
 
     assert service.run_actions(run("queued")) == service.Actions(cancel=True, delete=True)
     assert service.run_actions(run("running")) == service.Actions(cancel=True)
     for status in ("failed", "cancelled", "interrupted"):
-        assert service.run_actions(run(status, str(tmp_path))) == service.Actions(requeue=True, delete=True,
-                                                                                  download=True)
+        assert service.run_actions(run(status, str(tmp_path))) == service.Actions(requeue=True, resume=True,
+                                                                                  delete=True, download=True)
+    # a run that failed on its own options would fail the same way again: re-queue (edited) only, no resume
+    assert service.run_actions(run("failed", str(tmp_path), "bad_input")) == service.Actions(requeue=True, delete=True,
+                                                                                             download=True)
     assert service.run_actions(run("completed", str(tmp_path / "gone"))) == service.Actions(delete=True)
     assert service.run_actions(None) == service.Actions()
 
@@ -150,7 +153,7 @@ def test_payloads(engine):
     run = queue(engine)
     assert service.cancel_run_payload(engine, "abc") == {"error": "run id must be a positive integer, got 'abc'"}
     assert service.run_detail_payload(engine, 42) == {"error": "run 42 does not exist"}
-    assert "unknown status" in service.list_runs_payload(engine, "nope")[0]["error"]
+    assert "unknown status" in service.list_runs_payload(engine, "nope")["error"]
     assert [r["id"] for r in service.list_runs_payload(engine, "QUEUED")] == [run.id]
     assert service.start_run_payload(engine, "{")["error"].startswith("Invalid option config_json — not valid JSON")
     assert service.cancel_run_payload(engine, run.id) == {"run_id": run.id, "status": "cancelled"}
