@@ -12,9 +12,10 @@ log lines (``runs/<id>/train.log``) as for a local run, dropping repeated steps.
 its packed run directory is unpacked under the data home's ``runs/<id>``. Cancel: the channel
 answers the task's next report with "stop" (it ends at the step boundary); ``ray.cancel(force=True)``
 after the grace period. A node that dies takes its tasks with it: their runs become interrupted,
-with a message naming the node. Ray itself provides scheduling, transport and (here disabled,
-``max_retries=0``) retries. ``ray`` is imported only when an executor is made, so the local worker
-works without it.
+with a message naming the node, and resume from the last checkpoint that travelled back (a resumed
+run takes its directory along to its new node). Ray itself provides scheduling, transport and (here
+disabled, ``max_retries=0``: nothing trains twice) retries. ``ray`` is imported only when an executor
+is made, so the local worker works without it.
 """
 from __future__ import annotations
 

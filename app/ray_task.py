@@ -3,8 +3,9 @@
 The worker (``app.ray_executor``) owns a :class:`RunChannel` actor on its own node. A run's task
 trains in a temporary directory on whatever node Ray chose, sends its step and evaluation events and
 log lines to the channel in small batches (the node never opens the app's SQLite file), learns of a
-cancel request in the channel's answer at least every half second, and returns its run directory
-packed as a tar archive, which the worker unpacks under its data home. A run of several processes
+cancel request in the channel's answer at least every half second, sends each checkpoint as it is
+written (so an interrupted run can resume on another node), and returns its run directory packed as a
+tar archive, which the worker unpacks under its data home. A run of several processes
 trains through ``accelerate launch`` in a subprocess whose main process reports to the channel
 itself (``python -m app.ray_task``, :func:`main`).
 
@@ -76,7 +77,8 @@ class ChannelCallback(TrainerCallback):
     """Sends a run's events to the channel: steps every ``flush_seconds``, evaluations at once.
 
     ``should_stop`` sends what is pending at least every ``poll_seconds``, and the channel's answer
-    says whether a cancel was requested. Losing the channel (the worker is gone) stops the run.
+    says whether a cancel was requested. Losing the channel (the worker is gone) stops the run. With
+    ``run_dir``, every checkpoint the run writes there goes along with the next batch.
     """
 
     def __init__(self, channel: Any, run_id: int, flush_seconds: float = 1.0, poll_seconds: float = 0.5,
@@ -159,7 +161,6 @@ class ChannelCallback(TrainerCallback):
             self.stop = True
         self.last_send = time.monotonic()
         return self.stop
-
 
     def queue_new_checkpoint(self) -> None:
         """Queue the run's newest checkpoint (and its run_config.json, once) if it has not travelled yet."""
