@@ -77,7 +77,7 @@ def test_train_watch_compare_ask(studio, tiny_model):
             model_box = page.get_by_label("Base model")
             model_box.fill(tiny_model)
             model_box.press("Enter")
-            expect(page.get_by_text("4 layers (valid indices 0..3)")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("4 layers (valid indices 0..3)")).to_be_visible(timeout=120_000)
             page.get_by_label("Local BoolQ directory", exact=True).check()
             local = page.get_by_label("Local BoolQ directory or file")
             local.fill(data_dir)
