@@ -12,9 +12,10 @@ and runs loaded before anything is timed):
   prompt passes serve four answers; a HEFT run with its own stage-1 adapter needs a third.
 
 The sides alternate (A, B, B, A, ...) after an untimed warmup; the report gives the median of
-the per-round ratios (shared / per-variant), both medians in seconds, the prompt passes each
-side ran, and the largest P(yes) difference between the sides (same answers within float
-tolerance). Absolute seconds depend on what else runs on the machine; the ratio much less.
+the per-round ratios (shared / per-variant) of wall-clock seconds and of this process's CPU
+seconds (``time.process_time``: all torch threads; on a machine other jobs share, CPU time moves
+much less than wall time), both sides' medians, the prompt passes each side ran, and the largest
+P(yes) difference between the sides (same answers within float tolerance).
 
     python -m bench.ask_latency                       # embedded SmolLM2, a 150-token passage
     python -m bench.ask_latency --distinct-heft       # also: HEFT with its own stage-1 LoRA
@@ -92,10 +93,12 @@ def default_layers(model: str) -> str:
     return ",".join(str(layer) for layer in sorted({depth // 4, depth // 2, 3 * depth // 4}))
 
 
-def time_side(side_by_side: Any, passage: str, question: str, names: Sequence[str], share: bool) -> tuple[float, dict[str, float]]:
-    start = time.perf_counter()
+def time_side(side_by_side: Any, passage: str, question: str, names: Sequence[str],
+              share: bool) -> tuple[float, float, dict[str, float]]:
+    """(wall seconds, CPU seconds, {name: P(yes)}) of answering once with every variant."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     answers = {name: answer.p_yes for name, answer in side_by_side.answers(passage, question, names, share_prefix=share)}
-    return time.perf_counter() - start, answers
+    return time.perf_counter() - start, time.process_time() - cpu_start, answers
 
 
 def measure(side_by_side: Any, passage: str, question: str, names: Sequence[str], repeats: int, warmup: int) -> dict[str, Any]:
@@ -104,17 +107,23 @@ def measure(side_by_side: Any, passage: str, question: str, names: Sequence[str]
         time_side(side_by_side, passage, question, names, True)
         time_side(side_by_side, passage, question, names, False)
     shared_times, per_variant_times, ratios, worst = [], [], [], 0.0
+    shared_cpu, per_variant_cpu, cpu_ratios = [], [], []
     for round_index in range(repeats):
         order = (True, False) if round_index % 2 == 0 else (False, True)
         seconds: dict[bool, float] = {}
+        cpu: dict[bool, float] = {}
         answers: dict[bool, dict[str, float]] = {}
         for share in order:
-            seconds[share], answers[share] = time_side(side_by_side, passage, question, names, share)
+            seconds[share], cpu[share], answers[share] = time_side(side_by_side, passage, question, names, share)
         shared_times.append(seconds[True])
         per_variant_times.append(seconds[False])
         ratios.append(seconds[True] / seconds[False])
-        logger.info("round %d/%d: shared %.3f s, per-variant %.3f s (ratio %.2f)", round_index + 1, repeats,
-                    seconds[True], seconds[False], ratios[-1])
+        shared_cpu.append(cpu[True])
+        per_variant_cpu.append(cpu[False])
+        cpu_ratios.append(cpu[True] / cpu[False])
+        logger.info("round %d/%d: shared %.3f s (CPU %.3f s), per-variant %.3f s (CPU %.3f s): ratio %.2f (CPU %.2f)",
+                    round_index + 1, repeats, seconds[True], cpu[True], seconds[False], cpu[False], ratios[-1],
+                    cpu_ratios[-1])
         worst = max(worst, max(abs(answers[True][n] - answers[False][n]) for n in names))
     groups = side_by_side.sharing_groups(passage, question, names)
     return {
@@ -122,6 +131,10 @@ def measure(side_by_side: Any, passage: str, question: str, names: Sequence[str]
         "shared_seconds_median": statistics.median(shared_times),
         "per_variant_seconds_median": statistics.median(per_variant_times),
         "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        "shared_cpu_seconds_median": statistics.median(shared_cpu),
+        "per_variant_cpu_seconds_median": statistics.median(per_variant_cpu),
+        "cpu_ratio_median": statistics.median(cpu_ratios), "cpu_ratio_min": min(cpu_ratios),
+        "cpu_ratio_max": max(cpu_ratios),
         "prompt_passes_shared": len(groups), "prompt_passes_per_variant": len(names),
         "sharing": [list(group) for group in groups],
         "max_p_yes_difference": worst,
@@ -192,8 +205,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for case, result in report["cases"].items():
         print(f"{case}: shared {result['shared_seconds_median']:.3f} s vs per-variant "
               f"{result['per_variant_seconds_median']:.3f} s -> ratio {result['ratio_median']:.2f} "
-              f"({result['ratio_min']:.2f}-{result['ratio_max']:.2f}); prompt passes {result['prompt_passes_shared']} vs "
-              f"{result['prompt_passes_per_variant']}; max |dP(yes)| {result['max_p_yes_difference']:.2e}")
+              f"({result['ratio_min']:.2f}-{result['ratio_max']:.2f}); CPU {result['shared_cpu_seconds_median']:.3f} s "
+              f"vs {result['per_variant_cpu_seconds_median']:.3f} s -> ratio {result['cpu_ratio_median']:.2f} "
+              f"({result['cpu_ratio_min']:.2f}-{result['cpu_ratio_max']:.2f}); prompt passes "
+              f"{result['prompt_passes_shared']} vs {result['prompt_passes_per_variant']}; "
+              f"max |dP(yes)| {result['max_p_yes_difference']:.2e}")
     print(json.dumps(report))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

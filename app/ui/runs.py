@@ -6,7 +6,6 @@ what changed since the last tick, and only that is re-rendered.
 """
 from __future__ import annotations
 
-import html
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -127,7 +126,7 @@ def _export_updates(options: service.ExportOptions | None) -> list[Any]:
     if options is None:
         return [gr.skip()] * len(EXPORT_OUTPUTS)
     default = options.formats[0][1] if options.formats else None
-    note = "" if options.allowed else f"*Export: {html.escape(options.note, quote=False)}.*"
+    note = "" if options.allowed else f"*Export: {present.escape(options.note)}.*"
     return [gr.Dropdown(choices=options.formats, value=default, interactive=options.allowed),
             gr.Button(interactive=options.allowed), gr.Button(interactive=options.allowed), note]
 
@@ -203,7 +202,7 @@ def wire(ui: Manager, engine: Any, demo: gr.Blocks) -> None:
             url = service.push_run(engine, value, fmt, repo_id, private)
         except HeftError as exc:  # also: no token, a repo id the hub rejects, the upload failing
             return present.error(str(exc))
-        return f"Pushed run #{int(value)} to {html.escape(url, quote=False)}"
+        return f"Pushed run #{int(value)} to {present.escape(url)}"
 
     def on_load(request: gr.Request) -> tuple[Any, ...]:
         """Re-attach: the run named in ?run=N (and open the Runs tab), else the running or newest run."""
