@@ -117,3 +117,28 @@ def quick_runs(tiny_model, easy_data, tmp_path_factory) -> dict[str, Path]:
         ),
     }
     return {method: Path(train(config, root / method, data=easy_data).run_dir) for method, config in configs.items()}
+
+
+@pytest.fixture
+def app_client(home):
+    """The app served on a free port with a gradio_client Client; no worker (nothing queued runs)."""
+    from gradio_client import Client
+
+    from storage.db import open_db
+    from tests.servers import served_app
+
+    engine = open_db(home / "heft.db")
+    with served_app(engine) as url:
+        yield Client(url, verbose=False), engine, home
+
+
+@pytest.fixture
+def studio(tmp_path, home, data_dir):
+    """The app on a free port with its own data home and a worker thread polling every 0.2 s."""
+    from storage.db import open_db
+    from tests.servers import served_app, worker_thread
+
+    db = tmp_path / "home" / "heft.db"
+    engine = open_db(db)
+    with worker_thread(db), served_app(engine) as url:
+        yield url, engine, str(data_dir)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 from types import SimpleNamespace
 
@@ -218,12 +217,6 @@ def test_answer_cards_and_payloads(tmp_path):
 # --------------------------------------------------------------------------- the API through gradio_client
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 
 
 def tiny_config(model: str, data: str, method: str = "lora") -> dict:
@@ -234,24 +227,6 @@ def tiny_config(model: str, data: str, method: str = "lora") -> dict:
         "lora_stage": {"epochs": 1, "learning_rate": 0.01, "batch_size": 4},
         "reft_stage": {"epochs": 1, "learning_rate": 0.01, "batch_size": 4},
     }
-
-
-@pytest.fixture
-def app_client(home):
-    from gradio_client import Client
-
-    from app.ui import build_demo, launch_kwargs
-    from storage.db import open_db
-
-    engine = open_db(home / "heft.db")
-    demo = build_demo(engine)
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_kwargs())
-    try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False), engine, home
-    finally:
-        demo.heft_ask_service.close()
-        demo.close()
 
 
 def test_api_queue_list_detail_cancel(app_client, tiny_model, data_dir):

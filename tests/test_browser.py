@@ -7,49 +7,13 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import time
 from pathlib import Path
 
-import pytest
+from tests.servers import BROWSER_ARGS, BROWSER_MARKS, CHROMIUM
 
-CHROMIUM = "/usr/bin/chromium"
+pytestmark = BROWSER_MARKS
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: install Debian's chromium "
-                                                            "(make browser) to run the browser tests"),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def studio(tmp_path, home, data_dir):
-    """The app on a free port with its own data home and a worker thread polling every 0.2 s."""
-    from app.ui import build_demo, launch_kwargs
-    from app.worker import Worker
-    from storage.db import open_db
-
-    data = Path(data_dir)
-    db = tmp_path / "home" / "heft.db"
-    engine = open_db(db)
-    worker = Worker(db, slots=[None], poll_seconds=0.2, heartbeat_seconds=1.0)
-    thread = worker.start_in_thread()
-    demo = build_demo(engine)
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_kwargs())
-    try:
-        yield f"http://127.0.0.1:{port}/", engine, str(data)
-    finally:
-        demo.heft_ask_service.close()
-        demo.close()
-        worker.stop()
-        thread.join(timeout=30)
 
 
 def test_train_watch_compare_ask(studio, tiny_model):
@@ -171,9 +135,6 @@ def test_train_watch_compare_ask(studio, tiny_model):
 
 
 # --------------------------------------------------------------------------- a first-time user's trip (issue 12)
-
-BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-
 
 def _shooter():
     """shot(page, name): a full-page screenshot under $HEFT_SHOTS (nothing when it is unset)."""

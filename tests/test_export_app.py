@@ -18,8 +18,7 @@ from heft_common.errors import ExportError, RunNotFound
 from heft_core.artifacts import load_run
 from storage import queries
 from storage.db import open_db
-from tests.test_app import app_client  # noqa: F401  (fixture: the app launched, with a gradio_client Client)
-from tests.test_browser import CHROMIUM, studio  # noqa: F401  (fixture: the app on a free port, with a worker)
+from tests.servers import CHROMIUM
 from tests.test_export import FakeHub, no_token  # noqa: F401  (no_token: fixture)
 
 
@@ -116,7 +115,7 @@ def test_push_run_uploads_an_export_with_the_environment_token(engine, quick_run
     assert not Path(upload["folder_path"]).exists()  # the temporary export is gone
 
 
-def test_api_export_run_downloads_the_zip(app_client, quick_runs):  # noqa: F811  (the imported fixture)
+def test_api_export_run_downloads_the_zip(app_client, quick_runs):
     client, engine, _ = app_client
     endpoints = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert "/export_run" in endpoints
@@ -135,7 +134,7 @@ def test_api_export_run_downloads_the_zip(app_client, quick_runs):  # noqa: F811
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: install Debian's chromium")
 @pytest.mark.usefixtures("no_token")
-def test_browser_export_offers_the_download(studio, quick_runs, tmp_path):  # noqa: F811  (the imported fixture)
+def test_browser_export_offers_the_download(studio, quick_runs, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     url, engine, _ = studio

@@ -6,7 +6,6 @@ batches r, r + 2, ... of the same seeded order), so they must reach the same los
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,7 @@ from heft_core.train import train
 from storage import queries
 from storage.db import open_db
 from tests.tiny import make_config
-
-
-def wait_for(predicate, timeout: float = 300.0, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
+from tests.waiting import wait_for
 
 
 def stage(grad_accum: int) -> StageSettings:

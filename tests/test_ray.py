@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +35,7 @@ from heft_core.config import LoraSettings, RunConfig, StageSettings
 from heft_core.prompt import PromptTemplate
 from storage import queries
 from storage.db import open_db
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NODE_ARGS = {"num_cpus": 1, "object_store_memory": 100 * 2**20, "node_ip_address": "127.0.0.1"}
@@ -70,15 +70,6 @@ def two_nodes(ray_cluster):
         ray_cluster.wait_for_nodes()
     return ray_cluster
 
-
-def wait_for(predicate, timeout: float = 150.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
 
 
 def config(model: str, data: str, epochs: int = 1, seed: int = 1) -> RunConfig:

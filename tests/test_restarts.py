@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy import update
 
 from app import service
+from app.launch import free_port
 from heft_common.errors import AskError, ConfigError
 from heft_common.vocabulary import TERMINAL_STATUSES
 from heft_core.config import LoraSettings, ReftSettings, RunConfig, StageSettings
@@ -30,24 +31,10 @@ from heft_core.prompt import PromptTemplate
 from storage import queries
 from storage.db import get_engine, open_db
 from storage.models import Run, utcnow
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def wait_for(predicate, timeout: float = 180.0, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def config(model: str, data: str, epochs: int = 1, **overrides) -> RunConfig:

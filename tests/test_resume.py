@@ -28,6 +28,7 @@ from heft_core.train import train
 from tests.conftest import write_jsonl_splits
 from tests.resume_helper import RESUME_PREFIX
 from tests.tiny import make_config
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 EVERY_STEP = 1e-6  # checkpoint_minutes: 60 microseconds, i.e. after every optimizer step in practice
@@ -368,17 +369,6 @@ def queue_run(engine, config, name: str):
     return queries.create_run(engine, name=name, method=config.method, config=config.to_dict(), base_model=config.model,
                               data_source=config.data, total_epochs=config.total_epochs)
 
-
-def wait_for(predicate, timeout: float = 300.0, interval: float = 0.1):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
 
 
 def alive(pid: int) -> bool:

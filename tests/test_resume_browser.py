@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import CHROMIUM, studio  # noqa: F401  (studio is a fixture used by name)
+from tests.servers import CHROMIUM
 from tests.test_resume import STEPS_PER_EPOCH, steps_of, wait_for, worker_config
 
 pytestmark = pytest.mark.browser
 
 
-def test_resume_button_continues_a_cancelled_run(studio, tiny_model, monkeypatch):  # noqa: F811
+def test_resume_button_continues_a_cancelled_run(studio, tiny_model, monkeypatch):
     from playwright.sync_api import expect, sync_playwright
 
     from app import service

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import html
 import json
-import socket
 import time
 import zipfile
 from pathlib import Path
@@ -88,29 +87,6 @@ def test_matrix_and_cancel_before_the_worker_starts(tmp_path, tiny_model, data_d
 
 
 # --------------------------------------------------------------------------- through the API and the real worker
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def app_client(home):
-    from gradio_client import Client
-
-    from app.ui import build_demo, launch_kwargs
-
-    engine = open_db(home / "heft.db")
-    demo = build_demo(engine)
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_kwargs())
-    try:
-        yield Client(f"http://127.0.0.1:{port}/", verbose=False), engine, home
-    finally:
-        demo.heft_ask_service.close()
-        demo.close()
 
 
 def _predictions(run) -> list[dict]:

@@ -6,49 +6,15 @@ Drives Debian's chromium through Playwright, as tests/test_browser.py does. Save
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
-import pytest
 import yaml
 
 from heft_core.study import preset
+from tests.servers import BROWSER_MARKS, CHROMIUM
 
-CHROMIUM = "/usr/bin/chromium"
+pytestmark = BROWSER_MARKS
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing: install Debian's chromium "
-                                                            "(make browser) to run the browser tests"),
-]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def studio(tmp_path, home, data_dir):
-    from app.ui import build_demo, launch_kwargs
-    from app.worker import Worker
-    from storage.db import open_db
-
-    db = tmp_path / "home" / "heft.db"
-    engine = open_db(db)
-    worker = Worker(db, slots=[None], poll_seconds=0.2, heartbeat_seconds=1.0)
-    thread = worker.start_in_thread()
-    demo = build_demo(engine)
-    port = free_port()
-    demo.launch(prevent_thread_lock=True, server_port=port, quiet=True, **launch_kwargs())
-    try:
-        yield f"http://127.0.0.1:{port}/", engine, data_dir
-    finally:
-        demo.heft_ask_service.close()
-        demo.close()
-        worker.stop()
-        thread.join(timeout=30)
 
 
 def shrunk_equal_budget(model: str, data: str) -> str:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,18 +19,10 @@ from heft_core.config import ConfigError, LoraSettings, ReftSettings, RunConfig,
 from heft_core.prompt import PromptTemplate
 from storage import queries
 from storage.db import open_db
+from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def wait_for(predicate, timeout: float = 120.0, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {predicate}")
 
 
 
