@@ -35,7 +35,7 @@ def test_train_watch_compare_ask(studio, tiny_model):
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
-            expect(page.locator("#heft-launch")).to_be_visible(timeout=30_000)
+            expect(page.locator("#heft-launch")).to_be_visible(timeout=120_000)
 
             # --- Train: a tiny model, tiny local data, all three methods in one batch
             model_box = page.get_by_label("Base model")
@@ -58,44 +58,44 @@ def test_train_watch_compare_ask(studio, tiny_model):
             positions = page.get_by_label("positions", exact=True)
             positions.fill("l1")
             positions.press("Tab")
-            expect(page.locator("#heft-estimate")).to_contain_text("optimizer steps", timeout=30_000)
+            expect(page.locator("#heft-estimate")).to_contain_text("optimizer steps", timeout=120_000)
             expect(page.locator("#heft-estimate")).to_contain_text("16 × 1")
             shot(page, "train")
             page.get_by_role("button", name="Launch", exact=True).click()
-            expect(page.locator("#heft-launch-msg")).to_contain_text("Queued 3 runs", timeout=30_000)
+            expect(page.locator("#heft-launch-msg")).to_contain_text("Queued 3 runs", timeout=120_000)
 
             # --- Runs: the live view of the first run until it completes, with its loss chart
-            expect(page.get_by_role("tab", name="Runs", selected=True)).to_be_visible(timeout=10_000)
+            expect(page.get_by_role("tab", name="Runs", selected=True)).to_be_visible(timeout=60_000)
             progress = page.locator("#heft-progress")
-            expect(progress).to_contain_text("Run #1", timeout=15_000)
+            expect(progress).to_contain_text("Run #1", timeout=60_000)
             expect(progress).to_contain_text("completed", timeout=120_000)
             plot = page.locator("#heft-loss-plot")
-            expect(plot.locator("canvas, svg").first).to_be_visible(timeout=15_000)
-            expect(page.locator("#heft-eval-plot").locator("canvas, svg").first).to_be_visible(timeout=15_000)
+            expect(plot.locator("canvas, svg").first).to_be_visible(timeout=60_000)
+            expect(page.locator("#heft-eval-plot").locator("canvas, svg").first).to_be_visible(timeout=60_000)
             shot(page, "runs_finished")
 
-            deadline = time.monotonic() + 150
+            deadline = time.monotonic() + 600
             while time.monotonic() < deadline:
                 statuses = [run.status for run in queries.list_runs(engine)]
                 if len(statuses) == 3 and all(s == "completed" for s in statuses):
                     break
                 time.sleep(0.5)
             assert statuses == ["completed"] * 3
-            expect(page.locator("#heft-runs-table")).to_contain_text("completed", timeout=10_000)
+            expect(page.locator("#heft-runs-table")).to_contain_text("completed", timeout=60_000)
 
             # --- Compare: the launched batch is preselected
             page.get_by_role("tab", name="Compare").click()
-            expect(page.locator("#heft-compare-pick")).to_contain_text("#3 HEFT", timeout=15_000)
+            expect(page.locator("#heft-compare-pick")).to_contain_text("#3 HEFT", timeout=60_000)
             page.locator("#heft-compare-btn").click()
             verdict = page.locator("#heft-verdict")
-            expect(verdict).to_contain_text("McNemar p =", timeout=30_000)
+            expect(verdict).to_contain_text("McNemar p =", timeout=120_000)
             expect(verdict).to_contain_text("#1 LoRA (1 ep) vs #2 ReFT (1 ep)")
-            expect(page.locator("#heft-compare-loss").locator("img").first).to_be_visible(timeout=15_000)
+            expect(page.locator("#heft-compare-loss").locator("img").first).to_be_visible(timeout=60_000)
             shot(page, "compare")
 
             # --- Ask: the latest run of each method is preselected; four answers side by side
             page.get_by_role("tab", name="Ask").click()
-            expect(page.get_by_label("HEFT run")).to_have_value(re.compile(r"^#3 HEFT"), timeout=15_000)
+            expect(page.get_by_label("HEFT run")).to_have_value(re.compile(r"^#3 HEFT"), timeout=60_000)
             expect(page.get_by_label("LoRA run")).to_have_value(re.compile(r"^#1 LoRA"))
             page.get_by_label("Passage").fill("the river town bird stone")
             page.get_by_label("Question (yes/no)").fill("is the bird red")
@@ -116,20 +116,20 @@ def test_train_watch_compare_ask(studio, tiny_model):
             )
             queries.set_artifact_dir(engine, outside.id, Path(data_dir).parent)  # a directory without train.log
             queries.finish_run(engine, outside.id, "completed")
-            expect(page.locator("#heft-runs-table")).to_contain_text("recorded elsewhere", timeout=30_000)
+            expect(page.locator("#heft-runs-table")).to_contain_text("recorded elsewhere", timeout=120_000)
             run_box = page.locator("#heft-run-id input")
             run_box.fill(str(outside.id))
             run_box.press("Enter")
             expect(page.locator(".heft-log textarea")).to_have_value(re.compile("trained outside the app's worker"),
-                                                                     timeout=20_000)
+                                                                     timeout=60_000)
 
             # --- A second tab (or a reload) re-attaches to a run from the database alone
             other = browser.new_page(viewport={"width": 1400, "height": 1000})
             other.goto(url + "?run=2")
-            expect(other.get_by_role("tab", name="Runs", selected=True)).to_be_visible(timeout=20_000)
-            expect(other.locator("#heft-progress")).to_contain_text("Run #2", timeout=20_000)
+            expect(other.get_by_role("tab", name="Runs", selected=True)).to_be_visible(timeout=60_000)
+            expect(other.locator("#heft-progress")).to_contain_text("Run #2", timeout=60_000)
             expect(other.locator("#heft-progress")).to_contain_text("completed")
-            expect(other.locator("#heft-loss-plot").locator("canvas, svg").first).to_be_visible(timeout=15_000)
+            expect(other.locator("#heft-loss-plot").locator("canvas, svg").first).to_be_visible(timeout=60_000)
         finally:
             browser.close()
 
@@ -195,17 +195,17 @@ def test_form_messages_are_whole_and_every_invalid_value_is_named(studio, tiny_m
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
-            expect(page.locator("#heft-launch")).to_be_visible(timeout=30_000)
+            expect(page.locator("#heft-launch")).to_be_visible(timeout=120_000)
             model_box = page.get_by_label("Base model")
             model_box.fill(tiny_model)
             model_box.press("Enter")
-            expect(page.get_by_text("4 layers (valid indices 0..3)")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("4 layers (valid indices 0..3)")).to_be_visible(timeout=120_000)
 
             positions = page.get_by_label("positions", exact=True)
             positions.fill("x7")
             positions.press("Tab")
             expect(page.locator("#heft-positions-msg")).to_contain_text(
-                "'x7' is not a position string; write f<n>, l<m> or f<n>+l<m>", timeout=15_000)
+                "'x7' is not a position string; write f<n>, l<m> or f<n>+l<m>", timeout=60_000)
             shot(page, "first_user_positions_x7")
             positions.fill("l1")
             positions.press("Tab")
@@ -214,7 +214,7 @@ def test_form_messages_are_whole_and_every_invalid_value_is_named(studio, tiny_m
             rank.fill("0")
             rank.press("Tab")
             expect(page.locator("#heft-lora-msg")).to_contain_text("lora.rank: must be an integer in 1..1024, got 0",
-                                                                   timeout=15_000)
+                                                                   timeout=60_000)
             estimate = page.locator("#heft-estimate")
             expect(estimate).to_contain_text("invalid value")
             expect(estimate).not_to_contain_text("optimizer steps")
@@ -223,15 +223,15 @@ def test_form_messages_are_whole_and_every_invalid_value_is_named(studio, tiny_m
             rank.fill("")
             rank.press("Tab")
             expect(page.locator("#heft-lora-msg")).to_contain_text("lora.rank: must be an integer in 1..1024, "
-                                                                   "got empty", timeout=15_000)
+                                                                   "got empty", timeout=60_000)
             learning_rate = page.get_by_label("LoRA learning rate", exact=True)
             learning_rate.fill("")
             learning_rate.press("Tab")
             expect(page.locator("#heft-stage-msg")).to_contain_text(
-                "lora_stage.learning_rate: must be in (0, 1], got empty", timeout=15_000)
+                "lora_stage.learning_rate: must be in (0, 1], got empty", timeout=60_000)
             shot(page, "first_user_empty_fields")
             page.get_by_role("button", name="Launch", exact=True).click()
-            expect(page.locator("#heft-launch-msg")).to_contain_text("lora.rank", timeout=15_000)
+            expect(page.locator("#heft-launch-msg")).to_contain_text("lora.rank", timeout=60_000)
             expect(page.locator(".toast-body")).to_have_count(0)
 
             page.get_by_label("Local BoolQ directory", exact=True).check()
@@ -239,16 +239,16 @@ def test_form_messages_are_whole_and_every_invalid_value_is_named(studio, tiny_m
             local.fill("/no/such/boolq")
             local.press("Tab")
             data_msg = page.locator("#heft-data-msg")
-            expect(data_msg).to_contain_text("no file or directory exists at that path", timeout=15_000)
+            expect(data_msg).to_contain_text("no file or directory exists at that path", timeout=60_000)
             expect(data_msg).to_contain_text("'hub:<dataset id>'")
             rank.fill("8")
             rank.press("Tab")
             learning_rate.fill("0.01")
             learning_rate.press("Tab")
-            expect(page.locator("#heft-lora-msg")).to_have_text("", timeout=15_000)
+            expect(page.locator("#heft-lora-msg")).to_have_text("", timeout=60_000)
             page.get_by_role("button", name="Launch", exact=True).click()
             expect(page.locator("#heft-launch-msg")).to_contain_text("no file or directory exists at that path",
-                                                                     timeout=15_000)
+                                                                     timeout=60_000)
             shot(page, "first_user_missing_path")
             assert queries.list_runs(engine) == []  # nothing was queued
         finally:
@@ -281,7 +281,7 @@ def test_phase_estimate_charts_and_ask_as_a_first_user_sees_them(studio, tiny_mo
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{url}?run={live.id}")
             progress = page.locator("#heft-progress")
-            expect(progress).to_contain_text("evaluating lora epoch 1: 8 of 16 questions", timeout=30_000)
+            expect(progress).to_contain_text("evaluating lora epoch 1: 8 of 16 questions", timeout=120_000)
             expect(progress).to_contain_text("ETA 1 min 15 s (training and evaluation)")
             shot(page, "first_user_live_phase")
             queries.finish_run(engine, live.id, "cancelled")
@@ -290,32 +290,32 @@ def test_phase_estimate_charts_and_ask_as_a_first_user_sees_them(studio, tiny_mo
             model_box = page.get_by_label("Base model")
             model_box.fill(tiny_model)
             model_box.press("Enter")
-            expect(page.locator("#heft-estimate")).to_contain_text(f"based on run #{ids['heft']}'s", timeout=30_000)
+            expect(page.locator("#heft-estimate")).to_contain_text(f"based on run #{ids['heft']}'s", timeout=120_000)
             expect(page.locator("#heft-estimate")).to_contain_text("evaluation ~")
             shot(page, "first_user_estimate")
 
             page.get_by_role("tab", name="Compare").click()
-            expect(page.locator("#heft-compare-pick")).to_contain_text(f"#{ids['heft']} HEFT", timeout=15_000)
+            expect(page.locator("#heft-compare-pick")).to_contain_text(f"#{ids['heft']} HEFT", timeout=60_000)
             page.locator("#heft-compare-btn").click()
-            expect(page.locator("#heft-verdict")).to_contain_text("McNemar p =", timeout=30_000)
+            expect(page.locator("#heft-verdict")).to_contain_text("McNemar p =", timeout=120_000)
             for chart in ("#heft-compare-acc", "#heft-compare-loss"):
-                expect(page.locator(chart).locator("img").first).to_be_visible(timeout=15_000)
+                expect(page.locator(chart).locator("img").first).to_be_visible(timeout=60_000)
                 # no label badge laid over the top of the plot (the title is inside the figure)
                 expect(page.locator(chart).locator("[data-testid='block-label']")).to_be_hidden()
             page.locator("#heft-compare-acc").scroll_into_view_if_needed()
             shot(page, "first_user_compare")
 
             page.get_by_role("tab", name="Ask").click()
-            expect(page.get_by_label("HEFT run")).to_have_value(re.compile(f"^#{ids['heft']} HEFT"), timeout=15_000)
+            expect(page.get_by_label("HEFT run")).to_have_value(re.compile(f"^#{ids['heft']} HEFT"), timeout=60_000)
             source = page.get_by_label("Example data")
             source.fill(data_dir)
             source.press("Enter")
             page.get_by_role("button", name="Random validation example").click()
             gold = page.locator("#heft-gold-msg")
-            expect(gold).to_contain_text("Gold answer", timeout=30_000)
+            expect(gold).to_contain_text("Gold answer", timeout=120_000)
             question = page.get_by_label("Question (yes/no)")
             question.fill("my own question: is the lake older than the town")  # no synthetic example asks this
-            expect(gold).not_to_contain_text("Gold answer", timeout=15_000)
+            expect(gold).not_to_contain_text("Gold answer", timeout=60_000)
             page.locator("#heft-ask-btn").click()
             cards = page.locator("#heft-cards .heft-card")
             expect(page.locator("#heft-cards .heft-answer")).to_have_count(4, timeout=60_000)

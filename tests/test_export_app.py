@@ -149,21 +149,21 @@ def test_browser_export_offers_the_download(studio, quick_runs, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
             # A zero-shot run: the Export section says why there is nothing to export.
             page.goto(f"{url}?run={base.id}")
-            expect(page.locator("#heft-progress")).to_contain_text(f"Run #{base.id}", timeout=30_000)
-            expect(page.locator("#heft-export-note")).to_contain_text("nothing trained to export", timeout=15_000)
+            expect(page.locator("#heft-progress")).to_contain_text(f"Run #{base.id}", timeout=120_000)
+            expect(page.locator("#heft-export-note")).to_contain_text("nothing trained to export", timeout=60_000)
             expect(page.locator("#heft-export-btn")).to_be_disabled()
             # A completed LoRA run: its formats, the default first; Export offers the zip for download.
             run_box = page.locator("#heft-run-id input")
             run_box.fill(str(lora.id))
             run_box.press("Enter")
-            expect(page.locator("#heft-progress")).to_contain_text(f"Run #{lora.id}", timeout=15_000)
-            expect(page.locator("#heft-export-btn")).to_be_enabled(timeout=15_000)
+            expect(page.locator("#heft-progress")).to_contain_text(f"Run #{lora.id}", timeout=60_000)
+            expect(page.locator("#heft-export-btn")).to_be_enabled(timeout=60_000)
             expect(page.get_by_label("export format")).to_have_value("LoRA adapter (peft)")
             page.locator("#heft-export-btn").click()
             expect(page.locator("#heft-export-msg")).to_contain_text("Exported as", timeout=60_000)
             name = f"heft-run-{lora.id:06d}-adapter.zip"
             link = page.locator(f"#heft-export-file a[href$='/{name}']")  # the file's download link
-            expect(link).to_be_visible(timeout=15_000)
+            expect(link).to_be_visible(timeout=60_000)
             with page.expect_download() as info:
                 link.click()
             saved = tmp_path / "downloaded.zip"
@@ -176,7 +176,7 @@ def test_browser_export_offers_the_download(studio, quick_runs, tmp_path):
             page.locator("#heft-export").scroll_into_view_if_needed()
             page.locator("#heft-export-btn").click()  # back to the offered download, for the screenshot
             expect(page.locator("#heft-export-msg")).to_contain_text("Exported as", timeout=60_000)
-            expect(link).to_be_visible(timeout=15_000)
+            expect(link).to_be_visible(timeout=60_000)
             page.screenshot(path=str(shots / "export.png"), full_page=True)
         finally:
             browser.close()

@@ -48,11 +48,11 @@ def test_study_from_a_preset_launch_matrix_report(studio, tiny_model):
             page.goto(url)
             page.get_by_role("tab", name="Studies").click()
             plan = page.locator("#heft-study-plan")
-            expect(plan).to_contain_text("runs", timeout=30_000)
+            expect(plan).to_contain_text("runs", timeout=120_000)
             # Pick the preset: the editor fills with its spec and the plan follows.
             page.get_by_label("study preset", exact=True).click()
             page.get_by_role("option", name="Equal budget").click()
-            expect(page.get_by_label("study preset", exact=True)).to_have_value("Equal budget", timeout=15_000)
+            expect(page.get_by_label("study preset", exact=True)).to_have_value("Equal budget", timeout=60_000)
             editor = page.locator("#heft-study-spec .cm-content")
             expect(editor).to_contain_text("Equal budget", timeout=60_000)
             expect(plan).to_contain_text("15 runs", timeout=60_000)
@@ -67,20 +67,20 @@ def test_study_from_a_preset_launch_matrix_report(studio, tiny_model):
             expect(plan).to_contain_text("⚠️")  # 16 questions cannot separate anything
             page.get_by_label("study name (blank: the spec's name)").fill("tiny equal budget")
             page.get_by_role("button", name="Launch study").click()
-            expect(page.locator("#heft-study-launch-msg")).to_contain_text("Queued study #1 (3 runs", timeout=30_000)
+            expect(page.locator("#heft-study-launch-msg")).to_contain_text("Queued study #1 (3 runs", timeout=120_000)
             matrix = page.locator("#heft-study-matrix")
-            expect(matrix).to_contain_text("seed 1", timeout=15_000)
+            expect(matrix).to_contain_text("seed 1", timeout=60_000)
             expect(matrix).to_contain_text("LoRA 2")
-            expect(page.locator("#heft-study-status")).to_contain_text("3 runs", timeout=15_000)
+            expect(page.locator("#heft-study-status")).to_contain_text("3 runs", timeout=60_000)
             report = page.locator("#heft-study-report")
             expect(report).to_contain_text("Majority", timeout=900_000, ignore_case=True)
             expect(matrix).to_contain_text("%")
             assert queries.study_status_counts(engine, 1) == {"completed": 3}
             expect(report).to_contain_text("HEFT 1+1")
-            expect(page.locator("#heft-study-charts img").first).to_be_visible(timeout=15_000)
+            expect(page.locator("#heft-study-charts img").first).to_be_visible(timeout=60_000)
             page.get_by_role("button", name="Download report (zip)").click()
             zip_box = page.locator("#heft-study-zip")
-            expect(zip_box).to_contain_text("study-1-report", timeout=30_000)  # Gradio shows "study-1-report .zip"
+            expect(zip_box).to_contain_text("study-1-report", timeout=120_000)  # Gradio shows "study-1-report .zip"
             expect(zip_box).to_contain_text(".zip")
             if shots:
                 Path(shots).mkdir(parents=True, exist_ok=True)
