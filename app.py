@@ -46,7 +46,7 @@ def main() -> int:
     try:
         worker = start_background_worker()
         if worker is None:
-            log.info("another worker serves this data home; this app only queues runs")
+            log.info("this app runs no worker (the reason is logged above); it only queues runs")
         demo = build_demo()
         demo.queue(default_concurrency_limit=4).launch(
             server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

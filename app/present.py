@@ -410,7 +410,7 @@ def eval_limits(frame: pd.DataFrame) -> Limits | None:
 
 
 LOG_OUTSIDE_WORKER = ("(no {log} in this run's directory: it was trained outside the app's worker, "
-                      "e.g. by bench/reproduce.py)")
+                      "e.g. by a script through storage.queries.start_external_run)")
 
 
 # --------------------------------------------------------------------------- action messages

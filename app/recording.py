@@ -1,7 +1,7 @@
 """Recording a training run in the database: streamed steps and evaluations, and the final results.
 
 Used by the training child (``app.child``) and by anything else that trains through heft_core
-and wants the app to show the run (``bench/reproduce.py``). No Gradio, no torch.
+and wants the app to show the run (a script of your own). No Gradio, no torch.
 
 The progress snapshot (``Run.progress``) names the phase the run is in (``phase``, with
 ``phase_done`` of ``phase_total`` steps or questions), keeps the seconds spent per kind of phase

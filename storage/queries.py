@@ -189,7 +189,7 @@ def create_run(
 
 
 def start_external_run(engine: Engine, *, worker_pid: int, **fields: Any) -> Run:
-    """Record a run that the calling process trains itself (e.g. bench/reproduce.py).
+    """Record a run that the calling process trains itself (a script training through heft_core).
 
     Takes ``create_run``'s fields. The row starts ``running`` with ``worker_pid`` as its
     worker, so no worker ever claims it; the caller heartbeats and finishes it with the

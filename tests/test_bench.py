@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bench import gpu_check, reproduce, throughput
+from heft_core.study import paper_table
 
 
 def test_reference_batches_match_the_real_collators(tiny_model):
@@ -214,91 +215,39 @@ def test_throughput_notes_emulated_bf16():
         throughput.refresh_peaks({}, torch.device("cpu"), ["fp16"])
 
 
-def test_reproduce_smoke_records_runs(tiny_model, tmp_path, monkeypatch):
-    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "home"))
-    summary = reproduce.main(
-        [
-            "--model",
-            tiny_model,
-            "--data",
-            "synthetic",
-            "--train-size",
-            "16",
-            "--eval-size",
-            "16",
-            "--epochs",
-            "1",
-            "--heft-splits",
-            "1+1",
-            "--max-length",
-            "64",
-            "--no-long",
-            "--batch-size",
-            "8",
-            "--out",
-            str(tmp_path / "out"),
-            "--db",
-            str(tmp_path / "home" / "heft.db"),
-        ]
-    )
-    runs = {r["name"]: r for r in summary["runs"]}
-    assert set(runs) == {"base-s42", "lora-1ep-s42", "reft-1ep-s42", "heft-1+1-s42"}
-    assert all(r["error"] is None and r["n"] == 16 for r in runs.values())
-    assert (tmp_path / "out" / "accuracy_vs_epochs.png").stat().st_size > 0
-    report = (tmp_path / "out" / "results.md").read_text()
-    assert "McNemar" in report and "heft 1+1" in report and "answers yes %" in report and "always answers" in report
-    assert "| lora-1ep-s42 |" in report.split("Against answering 'yes'")[1]  # each trained run vs the majority answer
-    assert json.loads((tmp_path / "out" / "results.json").read_text())["eval_signature"]
+def test_reproduce_is_the_paper_table_preset_with_the_flags_settings():
+    spec = reproduce.build_spec(reproduce.parse_args(["--data", "synthetic", "--epochs", "3", "--seeds", "1,2"]))
+    assert spec.to_dict() == paper_table(epochs=3, seeds=[1, 2], data="synthetic", name="Paper table, E=3").to_dict()
+    spec = reproduce.build_spec(reproduce.parse_args([
+        "--data", "synthetic", "--epochs", "2", "--no-long", "--heft-splits", "1+1,1+2", "--lora-lr", "0.003",
+        "--batch-size", "4", "--lora-targets", "all-linear", "--seeds", "7",
+    ]))
+    assert [arm.name for arm in spec.arms] == ["Base", "LoRA 2", "ReFT 2", "HEFT 1+1", "HEFT 1+2"]
+    config = next(run.config for run in spec.plan() if run.method == "heft")
+    assert config.lora_stage.learning_rate == 0.003 and config.lora.target_modules == ["all-linear"]
+    assert config.lora_stage.batch_size == config.reft_stage.batch_size == 4 and config.seed == 7
+    assert config.reft_stage.learning_rate == paper_table().base["reft_stage.learning_rate"]  # not given: the preset's
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--heft-splits", "3"])
 
-    from storage import queries
-    from storage.db import open_db
 
-    engine = open_db(tmp_path / "home" / "heft.db")
-    recorded = queries.list_runs(engine)
-    assert sorted(r.method for r in recorded) == ["base", "heft", "lora", "reft"]
-    for run in recorded:
-        assert run.status == "completed" and run.eval_n == 16 and run.eval_signature == summary["eval_signature"]
-        assert queries.evaluations(engine, run.id)
-        assert bool(queries.metrics_since(engine, run.id)) == (run.method != "base")  # a zero-shot run has no steps
+def test_reproduce_trains_the_study_and_writes_its_report(tiny_model, tmp_path):
+    from heft_core.study_runner import load_study_dir
 
-    # --resume takes finished runs with the same settings from the output directory, trains the rest
-    args = [
-        "--model",
-        tiny_model,
-        "--data",
-        "synthetic",
-        "--train-size",
-        "16",
-        "--eval-size",
-        "16",
-        "--epochs",
-        "1",
-        "--heft-splits",
-        "1+1",
-        "--max-length",
-        "64",
-        "--no-long",
-        "--batch-size",
-        "8",
-        "--out",
-        str(tmp_path / "out"),
-        "--db",
-        str(tmp_path / "home" / "heft.db"),
-        "--resume",
-    ]
-    again = {r["name"]: r for r in reproduce.main(args)["runs"]}
-    for name, run in runs.items():
-        assert (again[name]["accuracy"], again[name]["db_run_id"]) == (run["accuracy"], run["db_run_id"])
-        assert again[name]["train_seconds"] == pytest.approx(
-            run["train_seconds"], abs=0.01
-        )  # run.json keeps 2 decimals
-    assert len(queries.list_runs(engine)) == 4
-    assert all(run["resumed"] for run in again.values())
-    assert "4 of 4 runs read back" in (tmp_path / "out" / "results.md").read_text()
-    changed = {r["name"]: r for r in reproduce.main([*args, "--lora-lr", "0.003"])["runs"]}
-    retrained = {name for name in runs if changed[name]["db_run_id"] != runs[name]["db_run_id"]}
-    assert retrained == {"lora-1ep-s42", "heft-1+1-s42"}  # the LoRA learning rate changes only these
-    assert len(queries.list_runs(engine)) == 6
+    out = tmp_path / "out"
+    args = ["--model", tiny_model, "--data", "synthetic", "--train-size", "16", "--eval-size", "16", "--epochs", "2",
+            "--no-long", "--seeds", "42", "--max-length", "64", "--batch-size", "8", "--lora-rank", "2",
+            "--reft-layers", "1,2", "--reft-positions", "l1", "--out", str(out), "--no-progress"]
+    report = reproduce.main(args)
+    assert report.finished_runs == report.planned_runs == 4 and not report.missing
+    assert [arm.arm for arm in report.arms] == ["Base", "LoRA 2", "ReFT 2", "HEFT 1+1"]
+    assert (out / "results.md").read_text() == report.to_markdown()
+    assert json.loads((out / "results.json").read_text())["finished_runs"] == 4
+    spec, outcomes = load_study_dir(out)  # what `python -m heft_core study-report` reads
+    assert spec.to_dict() == reproduce.build_spec(reproduce.parse_args(args)).to_dict()
+    assert [o.status for o in outcomes] == ["completed"] * 4
+    again = reproduce.main([*args, "--resume"])  # every run finished with the same settings: none trains again
+    assert [row.accuracy for row in again.runs] == [row.accuracy for row in report.runs]
 
 
 def test_gpu_check_code_paths_on_cpu(tmp_path, monkeypatch):
@@ -312,9 +261,3 @@ def test_gpu_check_code_paths_on_cpu(tmp_path, monkeypatch):
     assert out.read_text() == report
 
 
-def test_reproduce_plan_runs_long_baselines_for_the_first_seeds_only():
-    plans = reproduce.plan_runs([42, 43], 3, [(1, 2), (2, 1)], long_epochs=21, long_seeds=1)
-    names = [p.name for p in plans]
-    assert "lora-21ep-s42" in names and "reft-21ep-s42" in names
-    assert not any(name.startswith(("lora-21ep-s43", "reft-21ep-s43")) for name in names)
-    assert {"base-s43", "lora-3ep-s43", "reft-3ep-s43", "heft-1+2-s43", "heft-2+1-s43"} <= set(names)
