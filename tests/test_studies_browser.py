@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from heft_core.study import preset
-from tests.servers import BROWSER_MARKS, CHROMIUM
+from tests.servers import BROWSER_ARGS, BROWSER_MARKS, CHROMIUM
 
 pytestmark = BROWSER_MARKS
 
@@ -41,8 +41,7 @@ def test_study_from_a_preset_launch_matrix_report(studio, tiny_model):
     shots = os.environ.get("HEFT_SHOTS")
     spec_text = shrunk_equal_budget(tiny_model, data_dir)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM,
-                                    args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
@@ -77,7 +76,15 @@ def test_study_from_a_preset_launch_matrix_report(studio, tiny_model):
             expect(matrix).to_contain_text("%")
             assert queries.study_status_counts(engine, 1) == {"completed": 3}
             expect(report).to_contain_text("HEFT 1+1")
-            expect(page.locator("#heft-study-charts img").first).to_be_visible(timeout=60_000)
+            charts = page.locator("#heft-study-charts")
+            expect(charts.locator("img").first).to_be_visible(timeout=60_000)
+            charts.scroll_into_view_if_needed()
+            # loaded, not a broken link: the browser decoded at least one chart's pixels
+            page.wait_for_function("() => [...document.querySelectorAll('#heft-study-charts img')]"
+                                   ".some(image => image.complete && image.naturalWidth > 0)", timeout=60_000)
+            if shots:
+                Path(shots).mkdir(parents=True, exist_ok=True)
+                charts.screenshot(path=str(Path(shots) / "studies_charts.png"))
             page.get_by_role("button", name="Download report (zip)").click()
             zip_box = page.locator("#heft-study-zip")
             expect(zip_box).to_contain_text("study-1-report", timeout=120_000)  # Gradio shows "study-1-report .zip"
