@@ -6,7 +6,7 @@ rejected here, when queued, by heft_core's validation: no run is queued that wou
 its options after a model has loaded.
 
 storage answers a bad or unknown run id with ``RunNotFound`` (a HeftError) and refuses impossible
-state changes (re-queue a completed run, delete a running one) with ``ValueError``; the UI's and
+state changes (re-queue a running run, delete a running one) with ``RunStateError``; the UI's and
 the API's edges show either message.
 """
 from __future__ import annotations
@@ -627,7 +627,7 @@ def resume_run_payload(engine: Any, run_id: Any) -> dict[str, Any]:
     or {"error"}."""
     try:
         run, point = resume_run(engine, run_id)
-    except (HeftError, ValueError) as exc:  # RunNotFound; storage refuses a run that cannot be resumed
+    except HeftError as exc:  # RunNotFound, or RunStateError: storage refuses a run that cannot be resumed
         return {"error": str(exc)}
     return {"run_id": run.id, "status": run.status, "checkpoint": point}
 

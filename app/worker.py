@@ -347,7 +347,8 @@ class Worker:
         queries.finish_run(self.engine, child.run_id, RunStatus.FAILED, error=error, failure_kind=kind)
 
     def shutdown(self, grace_seconds: float = 10.0) -> None:
-        """Stop children (they end at the next step) and mark their runs interrupted."""
+        """Stop children (SIGTERM, then SIGKILL after ``grace_seconds``) and mark their runs interrupted; they
+        resume from their last checkpoint (a child does not write a new one when it is stopped)."""
         if self.executor is not None:
             self.executor.shutdown(self.engine)
         if self._held is not None:

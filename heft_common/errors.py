@@ -35,6 +35,10 @@ class RunNotFound(HeftError, ValueError):
     """A run id that is malformed or names no run."""
 
 
+class RunStateError(HeftError, ValueError):
+    """A run action its current status does not allow (re-queue or delete a running run, resume a finished one)."""
+
+
 class StoreError(HeftError, RuntimeError):
     """The run database cannot be used (foreign file, newer schema, damaged)."""
 

@@ -23,7 +23,7 @@ from typing import Any, Optional
 from sqlalchemy import Engine, and_, delete, insert, or_, select, update
 from sqlmodel import Session, col
 
-from heft_common.errors import RunNotFound
+from heft_common.errors import RunNotFound, RunStateError
 from heft_common.home import data_home as current_data_home
 from heft_common.process import pid_alive, worker_alive, worker_identity
 from heft_common.vocabulary import METHODS, REQUEUEABLE_STATUSES, TERMINAL_STATUSES, RunStatus
@@ -522,13 +522,13 @@ def requeue(engine: Engine, run_id: int) -> Run:
     The old row (with its metrics and error) is kept as history. The copy has the same
     config, method, model, data source, eval_signature, batch_id and total_epochs, and
     its name gets the suffix " (re-queued)" (not repeated if already there).
-    Raises ValueError for a missing run or any other status.
+    Raises RunNotFound for a missing run and RunStateError for any other status.
     """
     old = get_run(engine, run_id)
     if old is None:
         raise RunNotFound(f"run {run_id} does not exist")
     if old.status not in REQUEUEABLE_STATUSES:
-        raise ValueError(
+        raise RunStateError(
             f"run {old.id} is {old.status}; only {', '.join(sorted(REQUEUEABLE_STATUSES))} runs "
             "can be re-queued"
         )
@@ -583,7 +583,7 @@ def resume_run(engine: Engine, run_id: int, *, by: str = "user") -> Run:
         raise RunNotFound(f"run {run_id} does not exist")
     blocker = resume_blocker(run)
     if blocker:
-        raise ValueError(blocker)
+        raise RunStateError(blocker)
     history = run.resumes + [{"at": utcnow().isoformat(timespec="seconds"), "by": by}]
     # Conditional on the status and history we read, so two clicks (or a click and the worker) resume once.
     same_history = _RUN.c.resume_json.is_(None) if run.resume_json is None else _RUN.c.resume_json == run.resume_json
@@ -593,7 +593,7 @@ def resume_run(engine: Engine, run_id: int, *, by: str = "user") -> Run:
         error=None, failure_kind=None, finished_at=None, heartbeat_at=None,
         worker_pid=None, worker_id=None, child_pid=None,
     ):
-        raise ValueError(f"run {run.id} changed while it was being resumed; look at it again")
+        raise RunStateError(f"run {run.id} changed while it was being resumed; look at it again")
     log.info("Run %d resumed by %s: queued again", run.id, by)
     return get_run(engine, run.id)
 
@@ -731,14 +731,14 @@ def delete_run_report(engine: Engine, run_id: int, data_home: Path) -> Optional[
         if row is None:
             return None
         if row.status == RunStatus.RUNNING.value:
-            raise ValueError(f"run {run_id} is running; cancel it before deleting it")
+            raise RunStateError(f"run {run_id} is running; cancel it before deleting it")
         # Conditional so a worker claiming the run meanwhile makes us refuse, not delete.
         result = conn.execute(
             delete(_RUN).where(_RUN.c.id == run_id, _RUN.c.status != RunStatus.RUNNING.value)
         )
         conn.commit()
     if result.rowcount != 1:
-        raise ValueError(f"run {run_id} started running; cancel it before deleting it")
+        raise RunStateError(f"run {run_id} started running; cancel it before deleting it")
     log.info("Deleted run %d", run_id)
     if not row.artifact_dir:
         return DeletedRun(run_id, "none")
