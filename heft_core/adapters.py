@@ -17,6 +17,7 @@ import torch
 from heft_common.errors import RunLoadError
 from heft_core.batching import Batch, intervention_positions
 from heft_core.config import LoraSettings, ReftSettings
+from heft_core.estimates import intervention_groups
 from heft_core.models import decoder_layers_path
 from heft_core.prefix_cache import PrefixStateCache
 
@@ -93,7 +94,7 @@ class ReftAnswerModel(AnswerModel):
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixStateCache()
         self.layers = settings.resolved_layers(num_layers)
         self.first, self.last = settings.first_last
-        groups = 2 if (self.first and self.last and not settings.share_weights) else 1
+        groups = intervention_groups(self.first, self.last, settings.share_weights)
         layers_path = decoder_layers_path(host, num_layers)
         device = next(host.parameters()).device
         representations = []
