@@ -285,29 +285,6 @@ def list_runs(
     return _resolved(runs)
 
 
-def comparable_runs(engine: Engine, run_id: int) -> list[Run]:
-    """Completed runs with the same eval_signature as ``run_id`` (itself excluded), newest first.
-
-    Empty if the run does not exist or has no eval_signature.
-    """
-    run = get_run(engine, run_id)
-    if run is None or not run.eval_signature:
-        return []
-    stmt = (
-        select(Run)
-        .where(
-            col(Run.eval_signature) == run.eval_signature,
-            col(Run.status) == RunStatus.COMPLETED.value,
-            col(Run.id) != run.id,
-        )
-        .order_by(col(Run.id).desc())
-    )
-    with _detached_session(engine) as sess:
-        runs = list(sess.scalars(stmt))
-        sess.expunge_all()
-    return _resolved(runs)
-
-
 def claim_next_run(engine: Engine, worker_pid: int, worker_id: Optional[str] = None) -> Optional[Run]:
     """Atomically take the oldest queued run for this worker; None if the queue is empty.
 

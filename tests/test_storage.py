@@ -131,9 +131,6 @@ def test_list_runs_comparable_and_metrics(engine: Engine) -> None:
     assert [r.id for r in queries.list_runs(engine, text="%")] == [b.id]  # literal %
     assert len(queries.list_runs(engine, limit=2)) == 2
 
-    assert [r.id for r in queries.comparable_runs(engine, a.id)] == [b.id]
-    assert queries.comparable_runs(engine, d.id) == []
-
     queries.add_step_metrics(engine, a.id, [{"stage": "lora", "step": 1, "loss": 0.5}])
     queries.add_epoch_eval(engine, a.id, {"stage": "lora", "epoch": 1, "cumulative_epoch": 1.0,
                                           "accuracy": 0.6, "n": 50})
