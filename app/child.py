@@ -3,14 +3,16 @@
 Started by the worker with stdout and stderr going to the run's log file. Reads the run's
 config from the database, trains with heft_core, and streams metrics back in small batched
 transactions (``app.recording``). Exit status: 0 finished (completed or cancelled, see
-run.json), 3 bad input, 1 any other error; ``error.txt`` in the run directory holds the
-one-line reason.
+run.json), 3 bad input, 5 stopped by SIGTERM (the worker shutting down, a container or Space
+restart) at an optimizer step after writing a checkpoint there, 1 any other error;
+``error.txt`` in the run directory holds the one-line reason.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -28,6 +30,25 @@ from storage.db import open_db
 logger = logging.getLogger("app.child")
 
 EXIT_BAD_INPUT = 3
+EXIT_STOPPED = 5  # SIGTERM: training ended at an optimizer step with a checkpoint; Resume loses nothing
+
+
+class _StopOnSigterm(TrainerCallback):
+    """SIGTERM ends training at the next optimizer step, where the trainer writes a checkpoint.
+
+    Without this, SIGTERM would end the process at once and a resume would go back to the last
+    periodic checkpoint (up to ``checkpoint_minutes`` of training lost).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._request)
+
+    def _request(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        return self.requested
 
 
 class _NotRecorded(TrainerCallback):
@@ -61,11 +82,15 @@ def run(run_id: int, db_path: str) -> int:
         return 1
     out = Path(record.artifact_dir)
     callback = DatabaseCallback(engine, run_id) if process_rank() == 0 else _NotRecorded()
+    stopper = _StopOnSigterm()
     try:
         config = RunConfig.from_dict(record.config)
         # A run put back in the queue by Resume continues from its checkpoint; a new one starts clean.
-        train(config, out, callbacks=[callback], resume=bool(record.resumes))
+        result = train(config, out, callbacks=[callback, stopper], resume=bool(record.resumes))
         callback.flush()
+        if stopper.requested and result.status == "cancelled":  # ended by SIGTERM, not by the user's cancel
+            logger.info("stopped by SIGTERM; the checkpoint at the last step is where Resume continues")
+            return EXIT_STOPPED
         return 0
     except HeftError as exc:  # bad option, data or model: the message says what
         callback.flush()

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.child import EXIT_BAD_INPUT
+from app.child import EXIT_BAD_INPUT, EXIT_STOPPED
 from app.launch import device_label, training_command
 from app.logs import ERROR_FILE, LOG_FILE, log_tail
 from app.ray_executor import (
@@ -333,6 +333,11 @@ class Worker:
             queries.finish_run(self.engine, child.run_id, RunStatus.CANCELLED,
                                error="cancelled; the process was stopped before it finished")
             return
+        if code == EXIT_STOPPED:
+            queries.finish_run(self.engine, child.run_id, RunStatus.INTERRUPTED,
+                               error="the training process was stopped (SIGTERM) at an optimizer step, after writing a "
+                                     "checkpoint there; resume it to continue from that step")
+            return
         error_file = child.run_dir / ERROR_FILE
         if error_file.exists():
             reason = error_file.read_text().strip()
@@ -347,8 +352,9 @@ class Worker:
         queries.finish_run(self.engine, child.run_id, RunStatus.FAILED, error=error, failure_kind=kind)
 
     def shutdown(self, grace_seconds: float = 10.0) -> None:
-        """Stop children (SIGTERM, then SIGKILL after ``grace_seconds``) and mark their runs interrupted; they
-        resume from their last checkpoint (a child does not write a new one when it is stopped)."""
+        """Stop children and mark their runs interrupted: SIGTERM makes a child end at its next optimizer step
+        with a checkpoint there (app.child); one still running after ``grace_seconds`` is killed and resumes
+        from its last periodic checkpoint."""
         if self.executor is not None:
             self.executor.shutdown(self.engine)
         if self._held is not None:

@@ -490,6 +490,39 @@ def test_user_resumes_a_run_whose_child_was_killed(tiny_model, data_source, chil
     assert "resumed from step" in (Path(done.artifact_dir) / LOG_FILE).read_text()
 
 
+def test_sigterm_ends_the_child_at_a_step_with_a_checkpoint_there(tiny_model, data_source, child_env):
+    """The worker's shutdown, a container or Space restart: SIGTERM costs no training (checkpoints
+    are only written at epoch ends here, so a checkpoint mid-epoch is the SIGTERM one)."""
+    import signal
+
+    from app.worker import Worker
+    from storage import queries
+    from storage.db import open_db
+
+    db = child_env / "heft.db"
+    engine = open_db(db)
+    run = queue_run(engine, worker_config(tiny_model, data_source), "stopped child")
+    total = 10 * STEPS_PER_EPOCH
+    worker = Worker(db, slots=[None], poll_seconds=0.1, heartbeat_seconds=0.5, auto_resume=False)
+    thread = worker.start_in_thread()
+    try:
+        wait_for(lambda: len(steps_of(engine, run.id)) >= STEPS_PER_EPOCH + 3)
+        os.kill(queries.get_run(engine, run.id).child_pid, signal.SIGTERM)
+        stopped = wait_for(lambda: (r := queries.get_run(engine, run.id)).status == "interrupted" and r)
+        assert "SIGTERM" in stopped.error and "checkpoint" in stopped.error
+        recorded = steps_of(engine, run.id)
+        queries.resume_run(engine, run.id)
+        wait_for(lambda: queries.get_run(engine, run.id).status in ("completed", "failed"))
+    finally:
+        worker.stop()
+        thread.join(timeout=60)
+    done = queries.get_run(engine, run.id)
+    assert done.status == "completed", done.error
+    (resume,) = done.resumes
+    assert resume["from_step"] == recorded[-1] and resume["replaced_steps"] == 0  # nothing trained twice
+    assert steps_of(engine, run.id) == list(range(1, total + 1))
+
+
 def test_resume_of_a_run_that_never_checkpointed_restarts_from_step_0_and_says_so(tiny_model, data_source, child_env):
     from app.logs import LOG_FILE
     from app.worker import Worker
