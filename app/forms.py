@@ -67,9 +67,6 @@ LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # Known dataset sizes, so estimates work without loading the data.
 SYNTHETIC_SIZES = (800, 200)  # heft_core.data.load_data's default synthetic_size
 HUB_BOOLQ_SIZES = (9427, 3270)
-# CPU throughput of the embedded model measured on 2 cores (forward + backward); estimates use a
-# finished run's measured speed instead whenever there is one (app.timing).
-EMBEDDED_CPU_TOKENS_PER_SECOND = timing.DEFAULT_TOKENS_PER_SECOND
 
 # --------------------------------------------------------------------------- field parsers
 

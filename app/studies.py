@@ -12,14 +12,14 @@ import functools
 import json
 import logging
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from app import present
-from app.forms import EMBEDDED_CPU_TOKENS_PER_SECOND, data_counts, error_text
+from app import present, timing
+from app.forms import data_counts, error_text
 from heft_common.errors import ConfigError, HeftError
 from heft_common.home import data_home
 from heft_common.vocabulary import ACTIVE_STATUSES, EMBEDDED_MODEL, TERMINAL_STATUSES
@@ -64,21 +64,29 @@ def _training_rows(spec: StudySpec) -> tuple[int | None, int | None]:
     return train, evaluate
 
 
-def plan_summary(spec: StudySpec) -> dict[str, Any]:
-    """Run count, per-arm budget, optimizer steps and (embedded model on CPU) estimated minutes."""
+def plan_summary(spec: StudySpec, speeds: Mapping[str, timing.Speed] | None = None) -> dict[str, Any]:
+    """Run count, per-arm budget, optimizer steps and the estimated time of all runs one after another.
+
+    ``speeds`` ({method: Speed}, ``app.timing.measured_speeds``) are this machine's measured speeds
+    for the spec's model, as in the Train tab's estimate; without them only the embedded model gets
+    a time, from the stated assumption.
+    """
     train_rows, eval_questions = _training_rows(spec)
     planned = spec.plan()
     steps = sum(run.optimizer_steps(train_rows) for run in planned) if train_rows else None
-    seconds = None
-    if spec.model.strip().lower() == EMBEDDED_MODEL and train_rows:
-        seconds = sum(
-            train_rows * stage.epochs * run.config.max_length / EMBEDDED_CPU_TOKENS_PER_SECOND
-            for run in planned for _, stage in run.config.stages()
-        )
+    seconds, basis = None, None
+    if train_rows and eval_questions and (speeds or timing.model_key(spec.model) == EMBEDDED_MODEL):
+        estimates = [timing.estimate_seconds(run.config, train_rows, eval_questions,
+                                             timing.speed_for(speeds, run.method), any_measured=bool(speeds))
+                     for run in planned]
+        seconds = sum(estimate.total for estimate in estimates)
+        measured = sorted({speed.run_id for speed in (speeds or {}).values() if speed.run_id is not None})
+        basis = (f"from this machine's measured speeds (runs {', '.join(f'#{i}' for i in measured)})" if measured
+                 else estimates[0].basis)
     return {
         "runs": len(planned), "arms": [(arm.name, arm.method, arm.budget_label) for arm in spec.arms],
         "seeds": list(spec.seeds), "grid_points": spec.grid_points_count, "train_rows": train_rows,
-        "eval_questions": eval_questions, "optimizer_steps": steps, "cpu_seconds": seconds,
+        "eval_questions": eval_questions, "optimizer_steps": steps, "seconds": seconds, "basis": basis,
         "warning": study_lib.evaluation_warning(eval_questions) if eval_questions else None,
     }
 
@@ -87,11 +95,12 @@ def _count(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
-def plan_markdown(text: str) -> str:
-    """The plan of the spec in ``text`` for the page, or the validation error naming the field."""
+def plan_markdown(text: str, engine: Any = None) -> str:
+    """The plan of the spec in ``text`` for the page, or the validation error naming the field; with
+    ``engine``, the time estimate rests on the finished runs of the spec's model on this machine."""
     try:
         spec = parse_spec(text)
-        summary = plan_summary(spec)
+        summary = plan_summary(spec, timing.measured_speeds(engine, spec.model) if engine is not None else None)
     except HeftError as exc:
         return present.error(error_text(exc))
     arms = ", ".join(f"{present.escape(name)} ({present.escape(budget)})" for name, _, budget in summary["arms"])
@@ -105,11 +114,10 @@ def plan_markdown(text: str) -> str:
     if summary["eval_questions"]:
         lines.append(f"Every run answers the same {present.format_int(summary['eval_questions'])} evaluation "
                      "questions.")
-    if summary["cpu_seconds"]:
-        duration = present.format_duration(summary["cpu_seconds"])
-        lines.append(f"On 2 CPU cores the embedded model needs about **{duration}** of training in all "
-                     f"(at ~{EMBEDDED_CPU_TOKENS_PER_SECOND:g} tokens/s), plus evaluation; GPU slots train runs "
-                     "in parallel.")
+    if summary["seconds"]:
+        duration = present.format_duration(summary["seconds"])
+        lines.append(f"All runs one after another: about **{duration}** of loading, training and evaluation "
+                     f"({present.escape(summary['basis'])}); GPU slots train runs in parallel.")
     if summary["warning"]:
         lines.append(present.warning(present.escape(summary["warning"])))
     return "\n\n".join(lines)

@@ -43,7 +43,7 @@ def test_presets_fill_the_editor_and_the_plan_warns_when_the_evaluation_is_small
     plan = studies.plan_markdown(studies.preset_text("CPU: learns on BoolQ"))
     assert "**3 runs** planned: 3 arms × 1 seed." in plan and "500 evaluation questions" in plan
     assert "⚠️" in plan and "4.0 points" in plan  # 500 questions cannot see a 3-point difference
-    assert "training in all" in plan  # the embedded model on CPU: an estimated time
+    assert "All runs one after another: about" in plan and "assumes 120 tokens/s" in plan  # nothing measured yet
     small = dict(yaml.safe_load(studies.preset_text("Equal budget")), base={"data": "hub", "eval_size": 3000})
     assert "⚠️" not in studies.plan_markdown(json.dumps(small))
     bad = html.unescape(studies.plan_markdown("name: x\narms: [{method: lora}]\nseeds: [1]"))
@@ -51,6 +51,25 @@ def test_presets_fill_the_editor_and_the_plan_warns_when_the_evaluation_is_small
     assert "seeds" in studies.plan_markdown("name: x\narms: [{method: base}]\nseeds: []")
     named = studies.plan_markdown("name: x\narms: [{method: base, name: 'b <i>'}]")
     assert "<i>" not in named and "b <i>" in html.unescape(named)
+
+
+def test_the_plan_estimate_rests_on_this_machines_finished_runs(tmp_path) -> None:
+    from heft_core.config import RunConfig
+
+    engine = open_db(tmp_path / "heft.db")
+    text = studies.preset_text("CPU: learns on BoolQ")
+    assumed = studies.plan_summary(StudySpec.from_text(text))["seconds"]
+    config = RunConfig.from_dict({"method": "lora", "model": "embedded"})
+    run = queries.create_run(engine, name="measured", method="lora", config=config.to_dict(), base_model="embedded",
+                             data_source="synthetic", total_epochs=1)
+    assert queries.claim_next_run(engine, worker_pid=1) is not None
+    queries.finish_run(engine, run.id, "completed", results={"tokens_per_second": 30.0, "train_seconds": 60.0})
+    plan = html.unescape(studies.plan_markdown(text, engine))
+    assert f"from this machine's measured speeds (runs #{run.id})" in plan
+    from app import timing
+
+    measured = studies.plan_summary(StudySpec.from_text(text), timing.measured_speeds(engine, "embedded"))["seconds"]
+    assert measured > assumed  # LoRA measured at a quarter of the assumed 120 tokens/s
 
 
 def test_bad_specs_queue_nothing(tmp_path, tiny_model, data_dir) -> None:

@@ -87,10 +87,10 @@ def _report_updates(engine: Any, study_id: Any) -> list[Any]:
 def wire(ui: Manager, engine: Any) -> None:
     def on_preset(title: str) -> tuple[str, str]:
         text = studies.preset_text(title)
-        return text, studies.plan_markdown(text)
+        return text, studies.plan_markdown(text, engine)
 
     def on_spec(text: str) -> str:
-        return studies.plan_markdown(text)
+        return studies.plan_markdown(text, engine)
 
     def choices(selected: Any = None) -> Any:
         options = studies.study_choices(engine)
