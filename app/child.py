@@ -37,7 +37,8 @@ class _StopOnSigterm(TrainerCallback):
     """SIGTERM ends training at the next optimizer step, where the trainer writes a checkpoint.
 
     Without this, SIGTERM would end the process at once and a resume would go back to the last
-    periodic checkpoint (up to ``checkpoint_minutes`` of training lost).
+    periodic checkpoint (up to ``checkpoint_minutes`` of training lost). A second SIGTERM ends the
+    process at once.
     """
 
     def __init__(self) -> None:
@@ -45,6 +46,9 @@ class _StopOnSigterm(TrainerCallback):
         signal.signal(signal.SIGTERM, self._request)
 
     def _request(self, signum: int, frame: object) -> None:
+        if self.requested:  # a second SIGTERM (e.g. while the model still loads): end now, as by default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         self.requested = True
 
     def should_stop(self) -> bool:
