@@ -59,8 +59,9 @@ def layout(ui: Manager) -> None:
         ui.add("studies.zip_file", gr.File(label="Report zip", interactive=False, visible=False, height=80,
                                            elem_id="heft-study-zip"))
         ui.add("studies.report", gr.Markdown("", elem_id="heft-study-report"))
+        # "contain": the whole chart (axes, legend) in each tile; the default "cover" crops them
         ui.add("studies.charts", gr.Gallery([], label="charts (majority answer dotted)", columns=2, height="auto",
-                                            elem_id="heft-study-charts"))
+                                            object_fit="contain", elem_id="heft-study-charts"))
         ui.add("studies.timer", gr.Timer(MATRIX_SECONDS, active=False))
         ui.add("studies.report_state", gr.State(None))  # id of the study whose report is shown
 
