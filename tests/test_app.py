@@ -217,8 +217,6 @@ def test_answer_cards_and_payloads(tmp_path):
 # --------------------------------------------------------------------------- the API through gradio_client
 
 
-
-
 def tiny_config(model: str, data: str, method: str = "lora") -> dict:
     return {
         "method": method, "model": model, "data": data, "train_size": 16, "eval_size": 16, "max_length": 64, "seed": 1,

@@ -15,7 +15,6 @@ from tests.servers import BROWSER_ARGS, BROWSER_MARKS, CHROMIUM
 pytestmark = BROWSER_MARKS
 
 
-
 def test_train_watch_compare_ask(studio, tiny_model):
     from playwright.sync_api import expect, sync_playwright
 

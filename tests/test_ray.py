@@ -71,7 +71,6 @@ def two_nodes(ray_cluster):
     return ray_cluster
 
 
-
 def config(model: str, data: str, epochs: int = 1, seed: int = 1) -> RunConfig:
     return RunConfig(
         method="lora", model=model, data=data, train_size=None, eval_size=32, max_length=64, seed=seed,

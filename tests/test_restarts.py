@@ -36,7 +36,6 @@ from tests.waiting import wait_for
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
 def config(model: str, data: str, epochs: int = 1, **overrides) -> RunConfig:
     settings = dict(
         method="lora", model=model, data=data, train_size=None, eval_size=32, max_length=64, seed=1,

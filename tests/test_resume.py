@@ -370,7 +370,6 @@ def queue_run(engine, config, name: str):
                               data_source=config.data, total_epochs=config.total_epochs)
 
 
-
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -16,7 +16,6 @@ from tests.servers import BROWSER_ARGS, BROWSER_MARKS, CHROMIUM
 pytestmark = BROWSER_MARKS
 
 
-
 def shrunk_equal_budget(model: str, data: str) -> str:
     """The "Equal budget" preset cut to three arms at 2 epochs (base, LoRA 2, HEFT 1+1), one seed, tiny sizes."""
     spec = preset("Equal budget").to_dict()

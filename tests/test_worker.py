@@ -24,9 +24,6 @@ from tests.waiting import wait_for
 ROOT = Path(__file__).resolve().parent.parent
 
 
-
-
-
 def config(model: str, data: str, method: str = "lora", epochs: int = 1) -> RunConfig:
     return RunConfig(
         method=method, model=model, data=data, train_size=None, eval_size=32, max_length=64, seed=1,
