@@ -28,7 +28,10 @@ def build_lora_model(model: Any, settings: LoraSettings, num_layers: int, adapte
     """Wrap ``model`` with a trainable peft LoRA adapter."""
     from peft import LoraConfig, get_peft_model  # heavy: deferred
 
-    target = "all-linear" if settings.target_modules == ["all-linear"] else list(settings.target_modules)
+    target: str | list[str] = list(settings.target_modules)
+    if target == ["all-linear"]:
+        # peft refuses layers_to_transform with the "all-linear" shorthand, so name the modules.
+        target = _linear_module_names(model) if settings.layers else "all-linear"
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
@@ -39,6 +42,15 @@ def build_lora_model(model: Any, settings: LoraSettings, num_layers: int, adapte
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config, adapter_name=adapter_name)
+
+
+def _linear_module_names(model: Any) -> list[str]:
+    """Short names of the model's linear layers other than the vocabulary head."""
+    names = {
+        name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+    }
+    return sorted(names)
 
 
 class AnswerModel:

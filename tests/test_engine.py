@@ -339,3 +339,19 @@ def test_prefix_cache_budget_auto_is_a_share_of_available_memory():
     assert RunConfig(prefix_cache_mb=512).prefix_cache_mb == 512
     with pytest.raises(ConfigError, match="prefix_cache_mb"):
         RunConfig(prefix_cache_mb="lots")
+
+
+def test_lora_on_chosen_layers_of_all_linear_modules(tiny_model):
+    # peft refuses layers_to_transform with its "all-linear" shorthand; the modules are named instead.
+    from heft_core.adapters import build_lora_model
+
+    info = model_info(tiny_model)
+    model = build_lora_model(
+        load_model(tiny_model), LoraSettings(rank=2, target_modules=["all-linear"], layers=[2, 3]), info.num_layers
+    )
+    adapted = {name.split(".lora_A")[0] for name, _ in model.named_parameters() if ".lora_A." in name}
+    layers = {int(name.split(".layers.")[1].split(".")[0]) for name in adapted}
+    modules = {name.rsplit(".", 1)[-1] for name in adapted}
+    assert layers == {2, 3}
+    assert modules == set(info.linear_modules)
+    assert not any("lm_head" in name for name in adapted)
