@@ -728,8 +728,8 @@ CPU_BOOLQ_OPTIONS: dict[str, Any] = {
     "lora.rank": 8,
     "lora.alpha": 16.0,
     "lora.target_modules": ["all-linear"],
-    # The top 20 of SmolLM2's 30 layers: backward stops at layer 10, so a step costs about 0.6x;
-    # no dropout, since two passes over 1,500 rows underfit rather than overfit (and it costs time).
+    # The top 20 of SmolLM2's 30 layers: backward stops at layer 10 (a step costs ~0.76x of all 30);
+    # no dropout: two passes over 1,500 rows underfit rather than overfit, and it costs ~0.73x.
     "lora.layers": list(range(10, 30)),
     "lora.dropout": 0.0,
     "reft.rank": 4,
@@ -765,9 +765,10 @@ def cpu_learns_on_boolq(
     held-out third of the *training* sample (1,000 rows to train, 500 to score), never on the
     validation rows: one epoch ended at the prior at every learning rate and batch size tried,
     two epochs did not. On the 500 validation questions the LoRA arm scored 68.6% against the
-    majority's 64.2% (exact McNemar 66/44, p = 0.045) after 985 s of training on 2 cores
-    (``bench/results/study-cpu-boolq-2ep-2026-12-02-cpu/``, whose NOTES.md has the screening
-    and the earlier one-epoch runs that did not learn).
+    majority's 64.2% (exact McNemar 66/44, p = 0.045) after 985 s of fp32 training on 2 Intel Xeon
+    cores (``bench/results/study-cpu-boolq-2ep-2026-12-02-cpu/``, whose NOTES.md has the screening,
+    the earlier one-epoch runs that did not learn, and a projection of about 49 min on the 2-core
+    AMD EPYC without AVX-512 of the earlier runs: over 45, not measured).
     ``data`` defaults to the shared sample (``heft_core.data.local_boolq_dir()``), else the hub.
     """
     if data is None:
