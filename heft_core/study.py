@@ -765,8 +765,9 @@ def cpu_learns_on_boolq(
     held-out third of the *training* sample (1,000 rows to train, 500 to score), never on the
     validation rows: one epoch ended at the prior at every learning rate and batch size tried,
     two epochs did not. On the 500 validation questions the LoRA arm scored 68.6% against the
-    majority's 64.2% (exact McNemar 66/44, p = 0.045; seed 43: 68.6% again, p = 0.017) after 985 s of fp32 training on 2 Intel Xeon
-    cores (``bench/results/study-cpu-boolq-2ep-2026-12-02-cpu/``, whose NOTES.md has the screening,
+    majority's 64.2% (exact McNemar 66/44, p = 0.045; seed 43: 68.6% again, p = 0.017) after
+    985 s of fp32 training on 2 Intel Xeon cores (``bench/results/study-cpu-boolq-2ep-2026-12-02-cpu/``,
+    whose NOTES.md has the screening,
     the earlier one-epoch runs that did not learn, and a projection of about 49 min on the 2-core
     AMD EPYC without AVX-512 of the earlier runs: over 45, not measured).
     ``data`` defaults to the shared sample (``heft_core.data.local_boolq_dir()``), else the hub.
