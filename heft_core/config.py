@@ -24,6 +24,14 @@ from heft_core.prompt import PromptTemplate
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 STAGE2_MODES = ("adapter", "merged")
 PRECISIONS = ("auto", "no", "bf16", "fp16")
+# The LoRA stage's loss: cross-entropy on the answer token, or the paper's causal-LM loss over the
+# whole prompt + answer + eos sequence (padding masked, the prompt not).
+LORA_LOSSES = ("answer", "sequence")
+# How evaluations score a question: the two answer tokens' logits; the paper's greedy generation of at
+# most ``generation_max_new_tokens`` tokens with "Yes"/"No" looked for in the text (else "unparsed",
+# counted wrong); or both on the same questions (the run's accuracy is then the logits').
+SCORINGS = ("logits", "generation", "both")
+MAX_GENERATION_TOKENS = 64
 MAX_PROCESSES = 64  # data-parallel processes of one run, on one machine
 
 _POSITIONS_RE = re.compile(r"^(?:f(\d+))?(?:\+)?(?:l(\d+))?$")
@@ -240,6 +248,9 @@ class RunConfig:
     lora_stage: StageSettings = field(default_factory=_default_lora_stage)  # LoRA-only, and HEFT stage 1
     reft_stage: StageSettings = field(default_factory=_default_reft_stage)  # ReFT-only, and HEFT stage 2
     heft_stage2_mode: str = "adapter"  # keep stage-1 LoRA as a frozen adapter, or merge it
+    lora_loss: str = "answer"  # one of LORA_LOSSES
+    scoring: str = "logits"  # one of SCORINGS
+    generation_max_new_tokens: int = 5  # with generation scoring; the paper's 5
     template: PromptTemplate = field(default_factory=PromptTemplate)
     max_length: int = 256
     train_size: int | None = 256
@@ -284,6 +295,9 @@ class RunConfig:
         if self.uses_reft:
             self.reft_stage.validate("reft_stage")
         _require_choice(self.heft_stage2_mode, "heft_stage2_mode", STAGE2_MODES)
+        _require_choice(self.lora_loss, "lora_loss", LORA_LOSSES)
+        _require_choice(self.scoring, "scoring", SCORINGS)
+        _require_int(self.generation_max_new_tokens, "generation_max_new_tokens", 1, MAX_GENERATION_TOKENS)
         _require_choice(self.precision, "precision", PRECISIONS)
         _require_int(self.max_length, "max_length", 16, 32768)
         for option in ("train_size", "eval_size"):
@@ -372,7 +386,7 @@ class RunConfig:
         data = self.to_dict()
         unused = []
         if not self.uses_lora:
-            unused += ["lora", "lora_stage"]
+            unused += ["lora", "lora_stage", "lora_loss"]
         if not self.uses_reft:
             unused += ["reft", "reft_stage", "prefix_cache_mb"]
         if self.method != "heft":

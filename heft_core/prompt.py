@@ -19,6 +19,9 @@ class _Example(Protocol):
     answer: bool
 
 
+PROMPT_FORMATS = ("plain", "chat")
+
+
 @dataclass
 class PromptTemplate:
     """Text around the passage and the question, and the two answer words."""
@@ -28,8 +31,14 @@ class PromptTemplate:
     after_question: str = "?\nAnswer (yes or no):"
     yes: str = " yes"
     no: str = " no"
+    # "plain": the text above as it is; "chat": that text as the user turn of the tokenizer's own chat
+    # template (Llama-2's [INST] <<SYS>>, SmolLM2's <|im_start|>), after a system turn of ``system``.
+    format: str = "plain"
+    system: str = ""
 
     def __post_init__(self) -> None:
+        if self.format not in PROMPT_FORMATS:
+            raise ConfigError("template.format", f"must be one of {', '.join(PROMPT_FORMATS)}, got {self.format!r}")
         if not self.yes or not self.no or self.yes == self.no:
             raise ConfigError("template.yes/no", "need two different, non-empty answer words")
 
