@@ -174,8 +174,11 @@ class DatabaseCallback(TrainerCallback):
             "stage": event.stage, "epoch": event.epoch, "cumulative_epoch": event.cumulative_epoch,
             "accuracy": event.accuracy, "accuracy_low": event.low, "accuracy_high": event.high, "n": event.n,
         })
-        self._say("eval %s epoch %d: accuracy %.4f [%.4f, %.4f] n=%d", event.stage, event.epoch, event.accuracy,
-                    event.low, event.high, event.n)
+        self._say("eval %s epoch %d: accuracy %.4f (%s) [%.4f, %.4f] n=%d", event.stage, event.epoch, event.accuracy,
+                    event.scoring, event.low, event.high, event.n)
+        if event.unparsed is not None:
+            self._say("eval %s epoch %d: generation accuracy %.4f, %d unparsed", event.stage, event.epoch,
+                      event.generation_accuracy, event.unparsed)
 
     def on_log(self, message: str) -> None:
         self._say(message)

@@ -1,4 +1,5 @@
-"""Model wrappers that each do one thing: give answer-position logits for a batch.
+"""Model wrappers that each do one thing: give answer-position logits for a batch (and, for scoring by
+generation, greedy continuations of it; for the LoRA stage's sequence loss, the causal-LM loss).
 
 - ``PlainAnswerModel``: a base model or a peft (LoRA) model.
 - ``ReftAnswerModel``: pyreft LoReFT interventions on the residual stream of chosen layers,
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from heft_common.errors import RunLoadError
-from heft_core.batching import Batch, intervention_positions
+from heft_core.batching import Batch, SequenceBatch, intervention_positions
 from heft_core.config import LoraSettings, ReftSettings
 from heft_core.estimates import intervention_groups
 from heft_core.models import decoder_layers_path
@@ -61,6 +62,10 @@ class AnswerModel:
     def answer_logits(self, batch: Batch) -> torch.Tensor:  # (B, vocab)
         raise NotImplementedError
 
+    def generate(self, batch: Batch, **generation: Any) -> torch.Tensor:
+        """Greedy continuations of the (left-padded) prompts: the new token ids only, (B, <= max_new_tokens)."""
+        raise NotImplementedError
+
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
@@ -88,6 +93,23 @@ class PlainAnswerModel(AnswerModel):
 
     def answer_logits(self, batch: Batch) -> torch.Tensor:
         return self.module(**_model_inputs(batch)).logits[:, -1, :]
+
+    def sequence_loss(self, batch: SequenceBatch) -> torch.Tensor:
+        """transformers' own causal-LM loss (shifted, mean over the labelled tokens of the batch)."""
+        return self.module(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels, use_cache=False
+        ).loss
+
+    def generate(self, batch: Batch, **generation: Any) -> torch.Tensor:
+        # generate() derives each row's positions from the attention mask, so left padding is harmless.
+        output = self.module.generate(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, **_greedy(generation)
+        )
+        return output[:, batch.input_ids.shape[1]:]
+
+
+def _greedy(generation: dict[str, Any]) -> dict[str, Any]:
+    return {"do_sample": False, "num_beams": 1, "use_cache": True, **generation}
 
 
 class ReftAnswerModel(AnswerModel):
@@ -141,6 +163,18 @@ class ReftAnswerModel(AnswerModel):
         # from the frozen host (see heft_core.prefix_cache) and run only the rest.
         cache = self.prefix_cache.host_cache(self.module.model, batch, cut) if cut else None
         return self._logits(batch, groups, cache, cut)
+
+    def generate(self, batch: Batch, **generation: Any) -> torch.Tensor:
+        """pyvene's generate with the interventions on the prompt's positions only (the paper's scoring);
+        the generated tokens see them through the cached keys and values. No prefix reuse here."""
+        groups = intervention_positions(batch, self.first, self.last, self.settings.share_weights)
+        per_group = len(self.layers)
+        locations = [groups[i // per_group] for i in range(len(self.interventions))]
+        _, output = self.module.generate(
+            {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
+            unit_locations={"sources->base": (None, locations)}, intervene_on_prompt=True, **_greedy(generation),
+        )
+        return output[:, batch.input_ids.shape[1]:]
 
     def prefix_end(self, batch: Batch) -> int:
         """First column any intervention touches in ``batch``; 0 when there is no prefix to reuse."""

@@ -66,13 +66,18 @@ class RunResult:
     steps: list[StepEvent] = field(default_factory=list)
     evals: list[EvalEvent] = field(default_factory=list)
     lora_unchanged_by_stage2: bool | None = None
+    scoring: str = "logits"  # the primary scoring: what ``accuracy`` is
+    # {"logits": {accuracy, low, high, n}, "generation": {..., "unparsed": k}}: the scorings computed
+    accuracies: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """The one-line JSON the CLI prints."""
         acc = self.accuracy
         return {
             "status": self.status,
+            "scoring": self.scoring,
             "accuracy": acc.accuracy if acc else None,
+            "accuracies": self.accuracies,
             "accuracy_ci": [acc.low, acc.high] if acc else None,
             "eval_n": acc.n if acc else 0,
             "train_seconds": round(self.train_seconds, 3),

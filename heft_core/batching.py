@@ -1,7 +1,9 @@
 """Batches: length-grouped, dynamically (left-)padded, with ReFT intervention positions.
 
 Left padding puts every example's answer position at index -1, so the model computes
-vocabulary logits for that one position only (``logits_to_keep=1``).
+vocabulary logits for that one position only (``logits_to_keep=1``). The LoRA stage's sequence
+loss (``lora_loss: sequence``) instead takes prompt + answer + eos right-padded, with token labels
+(``collate_sequences``), as the paper's ``DataCollatorForLanguageModeling(mlm=False)`` builds them.
 """
 from __future__ import annotations
 
@@ -47,6 +49,44 @@ def collate(examples: Sequence[EncodedExample], pad_id: int) -> Batch:
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     labels = torch.tensor([e.label for e in examples], dtype=torch.long)
     return Batch([e.uid for e in examples], ids, mask, positions, labels, [len(e.input_ids) for e in examples])
+
+
+@dataclass
+class SequenceBatch:
+    """Whole texts for the causal-LM loss: prompt + answer word + eos, right-padded."""
+
+    uids: list[str]
+    input_ids: torch.Tensor  # (B, T), right-padded
+    attention_mask: torch.Tensor
+    labels: torch.Tensor  # (B, T): the input ids, -100 where the token is padding
+    lengths: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(self.lengths))
+
+    def to(self, device: torch.device) -> "SequenceBatch":
+        return SequenceBatch(
+            self.uids, self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.lengths,
+        )
+
+
+def collate_sequences(
+    examples: Sequence[EncodedExample], *, yes_id: int, no_id: int, eos_id: int, pad_id: int,
+) -> SequenceBatch:
+    """Prompt + answer token + eos per example, right-padded; labels -100 on padding and, like
+    ``DataCollatorForLanguageModeling``, on every token equal to the pad token (with pad = eos, the
+    paper's setting, that is the eos too). The prompt is not masked: the loss covers the whole text.
+    Right padding keeps positions counted from each text's first token, as a direct model call does."""
+    texts = [list(e.input_ids) + [yes_id if e.label else no_id, eos_id] for e in examples]
+    width = max(len(t) for t in texts)
+    ids = torch.full((len(texts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(texts), width), dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids[row, : len(text)] = torch.tensor(text, dtype=torch.long)
+        mask[row, : len(text)] = 1
+    labels = ids.masked_fill((mask == 0) | (ids == pad_id), -100)
+    return SequenceBatch([e.uid for e in examples], ids, mask, labels, [len(t) for t in texts])
 
 
 def length_grouped_batches(

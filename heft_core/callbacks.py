@@ -29,13 +29,23 @@ class EvalEvent:
     stage: str  # "lora", "reft", or "base" for the zero-shot evaluation
     epoch: int  # epoch within the stage
     cumulative_epoch: int  # epochs counted over all stages
-    accuracy: float
+    accuracy: float  # by ``scoring``, as are low and high
     low: float
     high: float
     n: int
+    # Added for the paper's recipe; the defaults read evaluations stored before them.
+    scoring: str = "logits"  # "logits" or "generation": what accuracy, low and high are
+    generation_accuracy: float | None = None  # when generation ran (also with logits primary: scoring both)
+    generation_low: float | None = None
+    generation_high: float | None = None
+    unparsed: int | None = None  # generations that named neither answer word (counted wrong)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.generation_accuracy is None:  # the generation fields only when generation ran
+            for key in ("generation_accuracy", "generation_low", "generation_high", "unparsed"):
+                data.pop(key)
+        return data
 
 
 # Phases a run reports through ``on_phase(name, done, total)``, in order. The first word of a

@@ -215,9 +215,13 @@ class _ProgressCallback(TrainerCallback):
 
     def on_evaluate(self, event: Any) -> None:
         message = (
-            f"eval {event.stage} epoch {event.epoch}: accuracy {event.accuracy:.4f} "
+            f"eval {event.stage} epoch {event.epoch}: accuracy {event.accuracy:.4f} ({event.scoring}) "
             f"[{event.low:.4f}, {event.high:.4f}] n={event.n}"
         )
+        if event.generation_accuracy is not None and event.scoring != "generation":
+            message += f"; generation {event.generation_accuracy:.4f}, {event.unparsed} unparsed"
+        elif event.unparsed is not None:
+            message += f"; {event.unparsed} unparsed"
         (self.bar.write(message) if self.bar is not None else logger.info(message))
 
     def on_log(self, message: str) -> None:
@@ -272,9 +276,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.predictions:
         with open(args.predictions, "w") as fh:
             fh.writelines(json.dumps(p.to_dict()) + "\n" for p in predictions)
+    from heft_core.evaluate import accuracies_of
+
     print(json.dumps({
+        "scoring": predictions[0].scoring if predictions else "logits",
         "accuracy": accuracy.accuracy, "accuracy_ci": [accuracy.low, accuracy.high], "eval_n": accuracy.n,
-        "correct": accuracy.correct, "eval_signature": signature,
+        "correct": accuracy.correct, "accuracies": accuracies_of(predictions), "eval_signature": signature,
     }))
     return 0
 

@@ -32,6 +32,12 @@ LORA_LOSSES = ("answer", "sequence")
 # counted wrong); or both on the same questions (the run's accuracy is then the logits').
 SCORINGS = ("logits", "generation", "both")
 MAX_GENERATION_TOKENS = 64
+
+
+def primary_scoring(scoring: str) -> str:
+    """The scoring a run's accuracy is given by: generation for "generation", else logits."""
+    return "generation" if scoring == "generation" else "logits"
+
 MAX_PROCESSES = 64  # data-parallel processes of one run, on one machine
 
 _POSITIONS_RE = re.compile(r"^(?:f(\d+))?(?:\+)?(?:l(\d+))?$")
@@ -344,6 +350,11 @@ class RunConfig:
         if self.uses_reft:
             stages.append(("reft", self.reft_stage))
         return stages
+
+    @property
+    def primary_scoring(self) -> str:
+        """"logits" or "generation": the scoring the run's accuracy is given by."""
+        return primary_scoring(self.scoring)
 
     @property
     def total_epochs(self) -> int:

@@ -33,7 +33,7 @@ from heft_core.adapters import AnswerModel, PlainAnswerModel, ReftAnswerModel
 from heft_core.artifacts import RunArtifacts, load_run
 from heft_core.batching import Batch, collate
 from heft_core.data import EVAL_SUBSET_SEED, Example
-from heft_core.evaluate import Prediction, accuracy_of, predict
+from heft_core.evaluate import Prediction, accuracy_of, predict, score
 from heft_core.hardware import resolve_precision
 from heft_core.models import is_embedded, load_model, load_tokenizer, model_info
 from heft_core.prompt import EncodedExample, PromptEncoder, PromptTemplate
@@ -314,10 +314,11 @@ def evaluate_run(
     model = load_model(config.model, dtype=dtype, device=device)
     answer_model = answer_model_for_run(artifacts, model) if config.method != "base" else PlainAnswerModel(model)
     encoder = PromptEncoder(tokenizer, config.template, config.max_length)
-    predictions = predict(
-        answer_model, encoder.encode_examples(examples), yes_id=encoder.yes_id, no_id=encoder.no_id,
-        pad_id=tokenizer.pad_token_id, batch_size=batch_size, device=device,
-        autocast=lambda: _autocast(device, precision),
+    predictions = score(  # by the run's own scoring ("both": the primary accuracy is the logits')
+        answer_model, encoder.encode_examples(examples), scoring=config.scoring, yes_id=encoder.yes_id,
+        no_id=encoder.no_id, yes_word=config.template.yes, no_word=config.template.no, tokenizer=tokenizer,
+        max_new_tokens=config.generation_max_new_tokens, pad_id=tokenizer.pad_token_id, batch_size=batch_size,
+        device=device, autocast=lambda: _autocast(device, precision),
     )
     return accuracy_of(predictions), predictions, data_lib.eval_signature(examples)
 

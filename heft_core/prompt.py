@@ -2,7 +2,9 @@
 
 The template puts the passage first, then the question, then an answer cue; the target is a
 single answer token (" yes" / " no" by default). Passages are truncated from the end so that
-the question and the cue always fit in ``max_length``.
+the question and the cue always fit in ``max_length``. With ``format: chat`` that text is the user
+turn of the tokenizer's own chat template (after a system turn when ``system`` is set), and the
+answer token follows the template's generation prompt (as the paper does with Llama-2-chat).
 """
 from __future__ import annotations
 
@@ -62,6 +64,10 @@ class EncodedExample:
     label: int  # 1 for yes, 0 for no
 
 
+# Stands for the user turn while the chat template is rendered once, to find the text around it.
+_USER_MARK = "\u2063HEFT-USER-TURN\u2063"
+
+
 class PromptEncoder:
     """Tokenises examples with a template, keeping question and cue whole."""
 
@@ -71,7 +77,18 @@ class PromptEncoder:
         self.max_length = max_length
         self.yes_id = self._single_token(template.yes, "template.yes")
         self.no_id = self._single_token(template.no, "template.no")
-        self._head = self._ids(template.before_passage, add_special=True)
+        self._chat_before = self._chat_after = ""
+        if template.format == "chat":
+            if not getattr(tokenizer, "chat_template", None):
+                raise ConfigError(
+                    "template.format", "'chat' needs a tokenizer with a chat template, and this model's has none; "
+                    "use 'plain'",
+                )
+            self._chat_before, self._chat_after = self._chat_text(_USER_MARK).split(_USER_MARK)
+            # The chat text carries its own special tokens (e.g. Llama-2's <s>), as apply_chat_template does.
+            self._head = self._ids(self._chat_before + template.before_passage)
+        else:
+            self._head = self._ids(template.before_passage, add_special=True)
         if max_length < len(self._head) + 8:
             raise ConfigError(
                 "max_length", f"{max_length} is too short for the template; need at least {len(self._head) + 8}"
@@ -91,9 +108,24 @@ class PromptEncoder:
             )
         return ids[0]
 
+    def _chat_text(self, user: str) -> str:
+        messages = [{"role": "user", "content": user}]
+        if self.template.system:
+            messages.insert(0, {"role": "system", "content": self.template.system})
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
     def encode(self, passage: str, question: str) -> list[int]:
         template = self.template
-        tail = self._ids(template.after_passage_before_question + _clean_question(question) + template.after_question)
+        if template.format == "chat":
+            # Whole, the prompt tokenises exactly as apply_chat_template does; only a passage too long for
+            # max_length is cut, in tokens, with the text around it tokenised on its own.
+            whole = self._ids(self._chat_text(template.render(passage, question)))
+            if len(whole) <= self.max_length:
+                return whole
+        tail = self._ids(
+            template.after_passage_before_question + _clean_question(question) + template.after_question
+            + self._chat_after
+        )
         budget = self.max_length - len(self._head) - len(tail)
         if budget < 1:
             raise ConfigError(

@@ -32,7 +32,7 @@ from heft_core import checkpoint as ckpt
 from heft_core import data as data_lib
 from heft_core.adapters import AnswerModel, PlainAnswerModel, ReftAnswerModel, build_lora_model, count_parameters
 from heft_core.artifacts import RUN_FILE, RunResult, save_run
-from heft_core.batching import collate, length_grouped_batches, sorted_batches
+from heft_core.batching import collate, collate_sequences, length_grouped_batches, sorted_batches
 from heft_core.callbacks import (
     CONVERTING,
     LOADING,
@@ -48,7 +48,7 @@ from heft_core.callbacks import (
 )
 from heft_core.config import RunConfig, StageSettings
 from heft_core.data import EVAL_SUBSET_SEED
-from heft_core.evaluate import Prediction, accuracy_of, predict
+from heft_core.evaluate import Prediction, accuracies_of, accuracy_of, score
 from heft_core.hardware import resolve_precision
 from heft_core.models import ModelInfo, load_model, load_tokenizer, model_info, needs_conversion
 from heft_core.prefix_cache import PrefixStateCache, resolve_budget
@@ -198,7 +198,7 @@ class _Trainer:
                 train_tokens=self.train_tokens,
                 data_rng_state=data_rng_state, environment=self.environment, config=self.config.to_dict(),
                 epoch_end=epoch_end, steps=self.steps, evals=self.evals,
-                predictions=[{"uid": p.uid, "label": p.label, "p_yes": p.p_yes} for p in self.last_predictions],
+                predictions=[p.state() for p in self.last_predictions],
                 lora_state=ckpt.lora_tensors(self.lora_model) if self.lora_model is not None else None,
                 reft_state=model.intervention_state() if isinstance(model, ReftAnswerModel) else None,
                 optimizer_state={
@@ -257,19 +257,39 @@ class _Trainer:
     def autocast(self) -> AbstractContextManager:
         return self.accelerator.autocast() if self.accelerator.mixed_precision != "no" else nullcontext()
 
-    def evaluate(self, model: AnswerModel, stage: str, epoch: int) -> None:
+    def evaluate(self, model: AnswerModel, stage: str, epoch: int, final: bool = True) -> None:
+        """Score the evaluation set. Generation costs up to ``generation_max_new_tokens`` forward passes per
+        question, so only the run's final evaluation uses ``config.scoring``; the ones after earlier epochs
+        (and after HEFT's stage 1) score by logits."""
+        config, encoder = self.config, self.p.encoder
+        scoring = config.scoring if final else "logits"
         phase = evaluating_phase(stage, epoch)
-        self.callbacks.on_phase(phase, 0, len(self.p.eval_encoded))
-        predictions = predict(
-            model, self.p.eval_encoded, yes_id=self.p.encoder.yes_id, no_id=self.p.encoder.no_id,
-            pad_id=self.pad_id, batch_size=self.config.eval_batch_size, device=self.device, autocast=self.autocast,
+        self.callbacks.on_phase(phase, 0, len(self.p.eval_encoded) * (2 if scoring == "both" else 1))
+        predictions = score(
+            model, self.p.eval_encoded, scoring=scoring, yes_id=encoder.yes_id, no_id=encoder.no_id,
+            yes_word=config.template.yes, no_word=config.template.no, tokenizer=self.p.tokenizer,
+            max_new_tokens=config.generation_max_new_tokens, pad_id=self.pad_id,
+            batch_size=config.eval_batch_size, device=self.device, autocast=self.autocast,
             on_batch=lambda done, total: self.callbacks.on_phase(phase, done, total),
         )
         acc = accuracy_of(predictions)
-        event = EvalEvent(stage, epoch, self.cumulative_epoch, acc.accuracy, acc.low, acc.high, acc.n)
+        event = EvalEvent(
+            stage, epoch, self.cumulative_epoch, acc.accuracy, acc.low, acc.high, acc.n,
+            scoring=predictions[0].scoring if predictions else "logits",
+        )
+        generation = accuracies_of(predictions).get("generation")
+        if generation is not None:
+            event.generation_accuracy, event.generation_low = generation["accuracy"], generation["low"]
+            event.generation_high, event.unparsed = generation["high"], generation["unparsed"]
         self.last_predictions = predictions
         self.evals.append(event)
         self.callbacks.on_evaluate(event)
+
+    def sequence_batch(self, chunk: Sequence[EncodedExample]) -> Any:
+        encoder = self.p.encoder
+        return collate_sequences(
+            chunk, yes_id=encoder.yes_id, no_id=encoder.no_id, eos_id=self.p.tokenizer.eos_token_id, pad_id=self.pad_id,
+        ).to(self.device)
 
     def should_stop(self) -> bool:
         """The main process's callbacks decide; with several processes all of them stop at the same step."""
@@ -293,6 +313,9 @@ class _Trainer:
         # accelerate would step it once per process while our step counts are already per process.
         optimizer = self.accelerator.prepare(optimizer)
         targets_of = torch.tensor([self.p.encoder.no_id, self.p.encoder.yes_id], device=self.device)
+        # The paper's LoRA loss: causal-LM over prompt + answer + eos; ReFT keeps the answer-token loss.
+        sequence_loss = stage == "lora" and self.config.lora_loss == "sequence"
+        final_stage = self.config.stages()[-1][0] == stage
         rng = random.Random(f"{self.config.seed}-{stage}")
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         first_epoch, skip_batches = 1, 0
@@ -313,11 +336,17 @@ class _Trainer:
             for index, chunk in enumerate(batches):
                 if epoch == first_epoch and index < skip_batches:
                     continue  # trained before the checkpoint this run resumed from
-                batch = collate(chunk, self.pad_id).to(self.device)
-                with self.autocast():
-                    logits = model.answer_logits(batch)
-                # Cross-entropy over the vocabulary at the answer position only.
-                loss = F.cross_entropy(logits.float(), targets_of[batch.labels])
+                if sequence_loss:
+                    assert isinstance(model, PlainAnswerModel)
+                    batch = self.sequence_batch(chunk)
+                    with self.autocast():
+                        loss = model.sequence_loss(batch).float()
+                else:
+                    batch = collate(chunk, self.pad_id).to(self.device)
+                    with self.autocast():
+                        logits = model.answer_logits(batch)
+                    # Cross-entropy over the vocabulary at the answer position only.
+                    loss = F.cross_entropy(logits.float(), targets_of[batch.labels])
                 # A last, shorter accumulation window is averaged over its own length.
                 window = min(settings.grad_accum, len(batches) - index // settings.grad_accum * settings.grad_accum)
                 self.accelerator.backward(loss / window)
@@ -358,7 +387,7 @@ class _Trainer:
                     self.save_checkpoint(stage, model, optimizer, scheduler, **position)
             self.cumulative_epoch += 1
             if self.config.eval_every_epoch or epoch == settings.epochs:
-                self.evaluate(model, stage, epoch)
+                self.evaluate(model, stage, epoch, final=final_stage and epoch == settings.epochs)
             self.save_checkpoint(
                 stage, model, optimizer, scheduler, epochs_done=epoch, batches_done=0,
                 data_rng_state=ckpt.python_rng_state(rng), epoch_end=True,
@@ -493,6 +522,7 @@ def train(
     result = RunResult(
         run_dir=str(output_dir), status="cancelled" if trainer.stopped else "completed", accuracy=accuracy,
         predictions=trainer.last_predictions if not trainer.stopped else [], train_seconds=trainer.train_seconds,
+        scoring=config.primary_scoring, accuracies=accuracies_of(trainer.last_predictions) if accuracy else {},
         tokens_per_second=(
             trainer.train_tokens * accelerator.num_processes / trainer.train_seconds if trainer.train_seconds else 0.0
         ),
