@@ -39,13 +39,39 @@ def test_quick_preset_matches_the_brief():
     assert (config.lora_stage.epochs, config.reft_stage.epochs) == (3, 1)
 
 
-def test_paper_preset_uses_full_hub_boolq_and_bf16():
+def test_paper_preset_is_the_papers_recipe():
+    """arXiv 2509.09801's recipe (shared notes, paper-recipe.md): a preset that drifts from it fails here."""
     [config] = forms.form_to_configs(forms.preset_form(forms.PRESET_PAPER))
     assert (config.model, config.data, config.train_size, config.eval_size) == (
-        "meta-llama/Llama-2-7b-hf", "hub", None, None)
-    assert config.precision == "bf16" and config.reft.positions == "f7+l7" and config.reft.layers == "all"
-    assert config.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert config.total_epochs == 3
+        "meta-llama/Llama-2-7b-chat-hf", "hub", None, None)
+    assert (config.lora.rank, config.lora.alpha, config.lora.dropout, config.lora.target_modules) == (
+        8, 32.0, 0.05, ["q_proj", "v_proj"])
+    assert (config.reft.rank, config.reft.layers, config.reft.positions) == (4, [15], "l1")
+    lora, reft = config.lora_stage, config.reft_stage
+    assert (lora.epochs, lora.learning_rate, lora.batch_size, lora.grad_accum) == (3, 2e-4, 1, 32)
+    assert (reft.epochs, reft.learning_rate, reft.batch_size, reft.grad_accum) == (3, 2e-4, 8, 4)
+    assert {(s.scheduler, s.warmup_ratio) for s in (lora, reft)} == {("linear", 0.0)}
+    assert (config.lora_loss, config.scoring, config.generation_max_new_tokens) == ("sequence", "both", 5)
+    template = config.template
+    assert (template.format, template.yes, template.no) == ("chat", " Yes", " No")
+    assert template.after_question == "?\nAnswer:"
+    assert template.system and config.heft_stage2_mode == "merged" and config.precision == "bf16"
+    [variant] = forms.form_to_configs(forms.preset_form(forms.PRESET_PAPER_ALL_LINEAR))
+    assert variant.lora.target_modules == ["all-linear"]
+    assert RunConfig.from_dict({**variant.to_dict(), "lora": config.lora.__dict__}) == config
+
+
+def test_lora_stage_batch_fields_override_the_shared_ones_only_when_set():
+    form = dict(forms.default_form(), **{"*.batch_size": 4, "*.grad_accum": 2})
+    [config] = forms.form_to_configs(form)
+    assert (config.lora_stage.batch_size, config.lora_stage.grad_accum, config.reft_stage.batch_size) == (4, 2, 4)
+    [config] = forms.form_to_configs(dict(form, **{"lora_stage.batch_size": 1, "lora_stage.grad_accum": 32}))
+    assert (config.lora_stage.batch_size, config.lora_stage.grad_accum) == (1, 32)
+    assert (config.reft_stage.batch_size, config.reft_stage.grad_accum) == (4, 2)
+    assert forms.field_errors(dict(form, **{"lora_stage.batch_size": 0})) == {
+        "lora_stage.batch_size": "lora_stage.batch_size: must be an integer in 1..4096, got 0"}
+    assert set(forms.field_errors(dict(form, scoring="accuracy"))) == {"scoring"}
+    assert set(forms.field_errors(dict(form, generation_max_new_tokens=65))) == {"generation_max_new_tokens"}
 
 
 def test_compare_all_three_queues_one_batch_with_shared_settings():

@@ -21,6 +21,12 @@ DISTINCT = {
     "max_length": (96, 96), "train_size": (50, 50), "eval_size": (20, 20), "seed": (9, 9),
     "heft_stage2_mode": ("merged", "merged"), "precision": ("no", "no"),
     "checkpoint_minutes": (2.5, 2.5), "keep_epoch_checkpoints": (True, True), "processes": (2, 2),
+    # empty: the LoRA stage takes "*.batch_size" / "*.grad_accum" (tests/test_app.py sets them)
+    "lora_stage.batch_size": ("", 6), "lora_stage.grad_accum": ("", 3),
+    "lora_loss": ("sequence", "sequence"), "scoring": ("both", "both"), "generation_max_new_tokens": (7, 7),
+    "template.format": ("chat", "chat"), "template.system": ("Be brief.", "Be brief."),
+    "template.after_question": ("?\nAnswer:", "?\nAnswer:"), "template.yes": (" Yes", " Yes"),
+    "template.no": (" No", " No"),
 }
 
 

@@ -15,7 +15,8 @@ from app.ui.manager import Manager
 from app.ui.runs import TABLE_SECONDS
 from heft_common.errors import HeftError
 from heft_common.home import data_home
-from heft_core.config import PRECISIONS, SCHEDULERS, STAGE2_MODES
+from heft_core.config import LORA_LOSSES, PRECISIONS, SCHEDULERS, SCORINGS, STAGE2_MODES
+from heft_core.prompt import PROMPT_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,23 @@ def _training_options(ui: Manager, field: Any, form0: dict[str, Any]) -> None:
                   info="inside an epoch, for Resume after a crash; 0: only at epoch ends (always written)")
             field("keep_epoch_checkpoints", gr.Checkbox, label="keep every epoch's checkpoint",
                   info="else only the latest (a completed run keeps none)")
+        with gr.Row():  # the paper's recipe (arXiv 2509.09801): its loss, scoring and batch for the LoRA stage
+            field("lora_stage.batch_size", gr.Textbox, label="LoRA batch size", placeholder="as above",
+                  info="empty: the batch size above")  # a text box: a number box cannot be empty
+            field("lora_stage.grad_accum", gr.Textbox, label="LoRA grad accumulation", placeholder="as above",
+                  info="empty: the accumulation above")  # a text box: a number box cannot be empty
+            field("lora_loss", gr.Dropdown, list(LORA_LOSSES), label="LoRA loss",
+                  info="answer: the answer token; sequence: causal LM over prompt + answer (the paper's)")
+            field("scoring", gr.Dropdown, list(SCORINGS), label="scoring",
+                  info="logits: the two answer tokens; generation: the paper's rule; both: logits headline")
+            field("generation_max_new_tokens", gr.Number, label="max new tokens (generation)", precision=0)
+        with gr.Row():
+            field("template.format", gr.Dropdown, list(PROMPT_FORMATS), label="prompt format",
+                  info="chat: the model's own chat template")
+            field("template.system", gr.Textbox, label="system line (chat)")
+            field("template.after_question", gr.Textbox, label="answer cue (after the question)")
+            field("template.yes", gr.Textbox, label="yes word")
+            field("template.no", gr.Textbox, label="no word")
         ui.add("train.training_msg", gr.Markdown("", elem_classes="heft-note heft-pad heft-msg",
                                                  elem_id="heft-training-msg"))
 
