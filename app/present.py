@@ -28,6 +28,7 @@ from heft_common.vocabulary import (
     TRAINED_METHODS,
     RunStatus,
 )
+from heft_core.config import primary_scoring
 
 HUB_BOOLQ_SOURCES = frozenset({HUB_DATA, DEFAULT_HUB_DATASET, HUB_PREFIX + DEFAULT_HUB_DATASET})
 STATUS_FILTERS = ["all", *STATUSES]
@@ -89,6 +90,17 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+def scoring_of(run: Any) -> str:
+    """Which scoring a run's stored accuracy is: "logits" (also for "both") or "generation" (the paper's)."""
+    return primary_scoring((getattr(run, "config", None) or {}).get("scoring", "logits"))
+
+
+def format_run_accuracy(run: Any) -> str:
+    """A run's accuracy with its interval and the scoring that produced it, e.g. "78.1% [74.0, 81.7] (logits)"."""
+    text = format_accuracy(run.accuracy, run.accuracy_low, run.accuracy_high)
+    return f"{text} ({scoring_of(run)})" if run.accuracy is not None else text
+
+
 def format_accuracy(accuracy: float | None, low: float | None = None, high: float | None = None) -> str:
     if accuracy is None:
         return ""
@@ -145,7 +157,7 @@ def run_label(run: Any) -> str:
 
 def run_choice_label(run: Any) -> str:
     """e.g. "#3 HEFT (1+1 ep) · 62.5% · SmolLM2-135M (embedded) · synthetic"."""
-    acc = f" · {run.accuracy * 100:.1f}%" if run.accuracy is not None else ""
+    acc = f" · {run.accuracy * 100:.1f}% ({scoring_of(run)})" if run.accuracy is not None else ""
     return f"{run_label(run)}{acc} · {model_label(run.base_model)} · {data_label(run.data_source)}"
 
 
@@ -179,7 +191,7 @@ def runs_frame(runs: Iterable[Any], now: datetime | None = None,
     rows = [
         [run.id, short_paths_in(run.name), run.status, method_title(run.method), model_label(run.base_model),
          data_label(run.data_source), epochs_label(run),
-         format_accuracy(run.accuracy, run.accuracy_low, run.accuracy_high) + one_class_mark((flags or {}).get(run.id)),
+         format_run_accuracy(run) + one_class_mark((flags or {}).get(run.id)),
          format_duration(run_duration(run, now)),
          _local_time(run.created_at)]
         for run in runs
@@ -276,8 +288,7 @@ def progress_markdown(run: Any | None, now: datetime | None = None) -> str:
         lines.append(f"Elapsed: {format_duration(duration)}")
     lines += resume_lines(getattr(run, "resumes", None) or [])
     if run.accuracy is not None:
-        accuracy = format_accuracy(run.accuracy, run.accuracy_low, run.accuracy_high)
-        lines.append(f"**Accuracy: {accuracy}** on {run.eval_n} questions")
+        lines.append(f"**Accuracy: {format_run_accuracy(run)}** on {run.eval_n} questions")
     by_stage = run.trainable_params_by_stage
     if by_stage:
         counts = ", ".join(f"{stage} {format_int(int(n))}" for stage, n in by_stage.items())
@@ -496,7 +507,7 @@ def verdict(label_a: str, label_b: str, comparison: Any) -> str:
 
 def _summary_row(run: Any, label: str) -> list[Any]:
     return [label, method_title(run.method), epochs_label(run),
-            format_accuracy(run.accuracy, run.accuracy_low, run.accuracy_high), run.eval_n,
+            format_run_accuracy(run), run.eval_n,
             format_int(run.trainable_params) if run.trainable_params else "",
             round(run.train_seconds, 1) if run.train_seconds is not None else None,
             round(run.tokens_per_second, 1) if run.tokens_per_second is not None else None,

@@ -295,14 +295,16 @@ def cancel_study_payload(engine: Any, study_id: Any) -> dict[str, Any]:
 # (for the Compare tab and the Runs table; the statistics are heft_core.stats')
 
 @functools.lru_cache(maxsize=1024)
-def _answers(path: str, mtime: float) -> tuple[tuple[str, int, int], ...]:
-    """(uid, gold label, predicted) of a run directory's predictions.jsonl; cached per file version."""
+def _answers(path: str, mtime: float) -> tuple[tuple[str, int, int | None], ...]:
+    """(uid, gold label, predicted) of a run directory's predictions.jsonl; cached per file version.
+    ``predicted`` is None for an answer generation scoring could not parse (neither word in the text)."""
     with open(Path(path) / "predictions.jsonl") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
-    return tuple((str(p["uid"]), int(p["label"]), int(p["predicted"])) for p in rows)
+    return tuple((str(p["uid"]), int(p["label"]), None if p["predicted"] is None else int(p["predicted"]))
+                 for p in rows)
 
 
-def run_answers(run: Any) -> tuple[tuple[str, int, int], ...] | None:
+def run_answers(run: Any) -> tuple[tuple[str, int, int | None], ...] | None:
     """A completed run's (uid, label, predicted) answers, or None when they cannot be read."""
     if getattr(run, "status", None) != "completed" or not getattr(run, "artifact_dir", None):
         return None
@@ -319,7 +321,8 @@ def one_class_flags(runs: Iterable[Any]) -> dict[int, str]:
     flags = {}
     for run in runs:
         answers = run_answers(run)
-        flag = stats.one_class([predicted for _, _, predicted in answers]) if answers else None
+        parsed = [predicted for _, _, predicted in answers or () if predicted is not None]
+        flag = stats.one_class(parsed) if parsed else None
         if flag:
             flags[run.id] = flag
     return flags

@@ -298,6 +298,7 @@ def _build(run: RunArtifacts, fmt: str, staging: Path) -> dict[str, Any]:
         "run": run.path.name,
         "run_name": config.name,
         "base_model": base.name_or_path,
+        "scoring": scores["scoring"],
         "accuracy": scores["accuracy"],
         "eval_n": scores["n"],
         "files": sorted(entry.name for entry in staging.iterdir()) + [MANIFEST_FILE],
@@ -460,7 +461,15 @@ def _scores(run: RunArtifacts) -> dict[str, Any]:
     accuracy = accuracy_result(sum(bool(p["correct"]) for p in predictions), len(predictions))
     baseline = majority_baseline({p["uid"]: int(p["label"]) for p in predictions})
     baseline_interval = accuracy_result(baseline.correct, baseline.n)
+    generation = None
+    if predictions and all("generation_correct" in p for p in predictions):  # generation scoring ran
+        generated = accuracy_result(sum(bool(p["generation_correct"]) for p in predictions), len(predictions))
+        generation = {"accuracy": generated.accuracy, "low": generated.low, "high": generated.high,
+                      "correct": generated.correct,
+                      "unparsed": sum(p.get("generation_predicted") is None for p in predictions)}
     return {
+        "scoring": run.config.primary_scoring,  # what "accuracy" is
+        "generation": generation,
         "n": accuracy.n,
         "correct": accuracy.correct,
         "accuracy": accuracy.accuracy,
@@ -472,6 +481,35 @@ def _scores(run: RunArtifacts) -> dict[str, Any]:
         "majority_low": baseline_interval.low,
         "majority_high": baseline_interval.high,
     }
+
+
+def _generation_lines(scores: dict[str, Any]) -> list[str]:
+    """The paper's generation scoring next to the logits' when both were computed on the same questions."""
+    generation = scores["generation"]
+    if generation is None:
+        return []
+    if scores["scoring"] == "generation":
+        return [f"{generation['unparsed']} answers named neither word (unparsed, counted wrong).", ""]
+    return [
+        f"Generation scoring on the same questions: {_percent(generation['accuracy'])} (95% Wilson interval "
+        f"{_percent(generation['low'])} to {_percent(generation['high'])}; {generation['correct']} correct, "
+        f"{generation['unparsed']} unparsed and counted wrong).",
+        "",
+    ]
+
+
+def _scoring_lines(config: Any) -> list[str]:
+    lines = []
+    if config.scoring != "generation":
+        lines.append("Logits scoring compares the logits of the two answer tokens at the last prompt position; "
+                     "P(yes) is the softmax over those two logits.")
+    if config.scoring != "logits":
+        lines.append(
+            f"Generation scoring (the paper's rule) generates at most {config.generation_max_new_tokens} tokens "
+            f"greedily and answers yes if the text contains {config.template.yes.strip()!r}, else no if it contains "
+            f"{config.template.no.strip()!r}, else counts the answer as unparsed and wrong."
+        )
+    return [" ".join(lines), ""]
 
 
 def _dataset(run: RunArtifacts) -> tuple[str | None, str, str]:
@@ -658,7 +696,7 @@ def _card_metadata(run: RunArtifacts, fmt: str, base: BaseModelReference, scores
                 dataset_split="validation",
                 metric_type="accuracy",
                 metric_value=round(scores["accuracy"], 4),
-                metric_name=f"Accuracy (n={scores['n']})",
+                metric_name=f"Accuracy, {scores['scoring']} scoring (n={scores['n']})",
             )
         ],
     )
@@ -707,17 +745,17 @@ def _write_card(
     lines += [
         "## Results",
         "",
-        f"Accuracy on the evaluation set ({scores['n']} validation questions): **{_percent(scores['accuracy'])}** "
+        f"Accuracy on the evaluation set ({scores['n']} validation questions), {scores['scoring']} scoring: "
+        f"**{_percent(scores['accuracy'])}** "
         f"(95% Wilson interval {_percent(scores['low'])} to {_percent(scores['high'])}; "
         f"{scores['correct']} of {scores['n']} correct).",
         "",
+        *_generation_lines(scores),
         f'Majority-class baseline on the same questions (always answering "{scores["majority_answer"]}"): '
         f"{_percent(scores['majority_accuracy'])} "
         f"(95% Wilson interval {_percent(scores['majority_low'])} to {_percent(scores['majority_high'])}).",
         "",
-        "Scoring compares the logits of the two answer tokens at the last prompt position (no generation); "
-        "P(yes) is the softmax over those two logits.",
-        "",
+        *_scoring_lines(run.config),
         "## Contents",
         "",
         *[f"- {item}" for item in _contents(run, fmt)],

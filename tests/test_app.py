@@ -167,7 +167,10 @@ def test_runs_frame_and_progress():
                                  "loss": 0.5})
     frame = present.runs_frame([running, fake_run(1, method="lora")], now=now)
     assert list(frame.columns) == present.RUN_COLUMNS and list(frame["id"]) == [2, 1]
-    assert frame.iloc[1]["accuracy [95% CI]"] == "75.0% [65.0, 85.0]" and frame.iloc[0]["duration"] == "1 min 30 s"
+    assert frame.iloc[1]["accuracy [95% CI]"] == "75.0% [65.0, 85.0] (logits)"
+    assert frame.iloc[0]["duration"] == "1 min 30 s"
+    generation = fake_run(3, method="lora", config={"scoring": "generation"})
+    assert present.runs_frame([generation])["accuracy [95% CI]"][0] == "75.0% [65.0, 85.0] (generation)"
     assert frame.iloc[0]["epochs"] == "1+1" and frame.iloc[1]["epochs"] == "1"
     text = present.progress_markdown(running, now=now)
     assert "step 6/8 (75%)" in text and "ETA 30 s" in text and "stage **reft**" in text

@@ -282,3 +282,20 @@ def test_chat_format_without_a_chat_template_queues_nothing(tiny_model, data_dir
         submit_runs(engine, [config])
     assert error.value.option == "template.format"
     assert queries.list_runs(engine) == []
+
+
+def test_model_card_names_the_scoring_and_shows_both(tiny_model, easy_data, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from heft_core import export
+
+    config = make_config(tiny_model, "lora", scoring="both", generation_max_new_tokens=2, train_size=16, eval_size=8,
+                         lora_stage=StageSettings(epochs=1, learning_rate=1e-2, batch_size=8, warmup_ratio=0.0))
+    result = train(config, tmp_path / "run", data=easy_data)
+    out = export.export_run(tmp_path / "run", tmp_path / "export", "adapter")
+    assert json.loads((out / export.MANIFEST_FILE).read_text())["scoring"] == "logits"
+    card = ModelCard.load(tmp_path / "export" / "README.md")
+    generation = result.summary()["accuracies"]["generation"]
+    assert "logits scoring: **" in card.text and "Generation scoring on the same questions" in card.text
+    assert f"{generation['unparsed']} unparsed" in card.text
+    assert card.data.eval_results[0].metric_name == "Accuracy, logits scoring (n=8)"
