@@ -570,6 +570,7 @@ def run_summary(run: Any) -> dict[str, Any]:
     summary["trainable_params_by_stage"] = run.trainable_params_by_stage
     summary["progress"] = run.progress
     summary["resumes"] = run.resumes
+    summary["scoring"] = present.scoring_of(run)  # what "accuracy" is: "logits" or "generation"
     return summary
 
 

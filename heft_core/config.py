@@ -29,7 +29,8 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 LORA_LOSSES = ("answer", "sequence")
 # How evaluations score a question: the two answer tokens' logits; the paper's greedy generation of at
 # most ``generation_max_new_tokens`` tokens with "Yes"/"No" looked for in the text (else "unparsed",
-# counted wrong); or both on the same questions (the run's accuracy is then the logits').
+# counted wrong); or both on the same questions (the run's accuracy is then the logits'). Only a run's final
+# evaluation uses it; those after earlier epochs score by logits (generation costs up to N passes a question).
 SCORINGS = ("logits", "generation", "both")
 MAX_GENERATION_TOKENS = 64
 

@@ -43,6 +43,18 @@ def test_two_processes_converting_the_cache_at_once_get_one_whole_cache(tmp_path
     # one conversion happened; no staging directory is left behind
     assert sum("Converting" in err for _, err in outputs) <= 1
     assert [p.name for p in cache.parent.iterdir() if p.name.startswith(".")] == []
+    # The GGUF's chat template is carried into the cache (template.format: chat), and the paper's answer
+    # words are one token each after SmolLM2's generation prompt.
+    from transformers import AutoTokenizer
+
+    from heft_core.prompt import PromptEncoder, PromptTemplate
+
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    assert "<|im_start|>" in tokenizer.chat_template
+    template = PromptTemplate(after_question="?\nAnswer:", yes=" Yes", no=" No", format="chat", system="Yes or No.")
+    encoder = PromptEncoder(tokenizer, template, 256)
+    assert tokenizer.decode(encoder.encode("The sky is blue.", "is the sky blue")).endswith(
+        "Answer:<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_quick_cpu_preset_heft_run_beats_the_zero_shot_baseline(tmp_path):

@@ -299,3 +299,16 @@ def test_model_card_names_the_scoring_and_shows_both(tiny_model, easy_data, tmp_
     assert "logits scoring: **" in card.text and "Generation scoring on the same questions" in card.text
     assert f"{generation['unparsed']} unparsed" in card.text
     assert card.data.eval_results[0].metric_name == "Accuracy, logits scoring (n=8)"
+
+
+def test_unparsed_answers_count_for_neither_class_in_the_one_class_flag(tmp_path):
+    from types import SimpleNamespace
+
+    from app import studies
+
+    rows = [{"uid": str(i), "label": i % 2, "predicted": 1, "correct": i % 2 == 1} for i in range(19)]
+    rows.append({"uid": "19", "label": 1, "predicted": None, "correct": False, "generation_predicted": None})
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = SimpleNamespace(id=1, status="completed", artifact_dir=str(tmp_path))
+    assert studies.run_answers(run)[-1] == ("19", 1, None)
+    assert studies.one_class_flags([run]) == {1: "yes"}  # 19 of 19 parsed answers are yes
