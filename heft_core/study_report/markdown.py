@@ -1,0 +1,239 @@
+"""The report as Markdown, for people; every name and message from the spec or a run is escaped."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from heft_core import stats
+from heft_core.study_report.rows import RunRow, StudyReport
+
+
+def report_markdown(report: StudyReport) -> str:
+    """The report for people; every name and message from the spec or a run is escaped."""
+    grid = any(row.grid for row in report.arms)
+    maj = report.majority
+    lines = [f"# Study: {_md(report.name)}", ""]
+    if report.description:
+        lines += [_md(report.description), ""]
+    lines.append(
+        f"{report.finished_runs} of {report.planned_runs} planned runs finished. Every run answered the same "
+        f"{report.n_questions} evaluation questions"
+        + (f" (signature `{_md(report.eval_signature)}`)" if report.eval_signature else "")
+        + "."
+    )
+    if report.missing:
+        lines += ["", f"**Missing ({len(report.missing)}):** " + "; ".join(_md(m) for m in report.missing)]
+    lines += ["", "## Arms", ""]
+    header = [
+        "arm",
+        *(["grid point"] if grid else []),
+        "epochs",
+        "seeds",
+        "accuracy % (mean ± sd)",
+        "each seed: accuracy % [95% Wilson]",
+        "answers yes %",
+        "trainable params",
+        "tokens seen",
+        "train s",
+        "wall s",
+        "est. training FLOPs",
+    ]
+    lines += [_row(header), _row(["---"] * len(header))]
+    runs_by_cell: dict[tuple[str, str], list[RunRow]] = {}
+    for run in report.runs:
+        runs_by_cell.setdefault((run.arm, run.grid), []).append(run)
+    for arm in report.arms:
+        seeds = [r for r in runs_by_cell.get((arm.arm, arm.grid), []) if r.accuracy is not None]
+        per_seed = (
+            "<br>".join(
+                f"s{r.seed}: {_pct(r.accuracy)} [{_pct(r.low)}, {_pct(r.high)}]"
+                + (f" **all {r.one_class}**" if r.one_class else "")
+                for r in seeds
+            )
+            or "—"
+        )
+        mean = (
+            "—"
+            if arm.accuracy_mean is None
+            else _pct(arm.accuracy_mean)
+            + (f" ± {arm.accuracy_std * 100:.1f}" if arm.accuracy_std is not None else "")
+        )
+        lines.append(
+            _row(
+                [
+                    _md(arm.arm),
+                    *([_md(arm.grid or "—")] if grid else []),
+                    arm.budget,
+                    f"{arm.seeds_finished}/{arm.seeds_planned}",
+                    mean,
+                    per_seed,
+                    _pct(arm.yes_share_mean),
+                    _int(arm.trainable_params),
+                    _int(arm.tokens_seen_mean),
+                    _num(arm.train_seconds_mean),
+                    _num(arm.wall_seconds_mean),
+                    _sci(arm.flops_mean),
+                ]
+            )
+        )
+    lines.append(
+        _row(
+            [
+                f'majority answer ("{maj["answer"]}" to every question)',
+                *(["—"] if grid else []),
+                "—",
+                "—",
+                _pct(maj["accuracy"]),
+                f"{maj['correct']}/{maj['n']} [{_pct(maj['low'])}, {_pct(maj['high'])}]",
+                "100" if maj["answer"] == "yes" else "0",
+                "—",
+                "—",
+                "—",
+                "—",
+                "—",
+            ]
+        )
+    )
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "Each run against always giving the majority answer: exact McNemar on the same questions "
+        "(run-only right / majority-only right). **one class**: at least 95% of its answers are one class.",
+        "",
+    ]
+    header = [
+        "arm",
+        *(["grid point"] if grid else []),
+        "seed",
+        "status",
+        "accuracy % [95% Wilson]",
+        "answers yes %",
+        "flag",
+        "vs majority",
+        "wall s",
+        "run",
+    ]
+    lines += [_row(header), _row(["---"] * len(header))]
+    for run in report.runs:
+        if run.accuracy is None:
+            result, versus = (_md(run.error or run.status)), "—"
+        else:
+            result = f"{_pct(run.accuracy)} [{_pct(run.low)}, {_pct(run.high)}] ({run.correct}/{run.n})"
+            counts = f"{run.vs_majority_run_only}/{run.vs_majority_majority_only}"
+            versus = f"{counts}, p = {stats.format_p(run.vs_majority_p)}"
+        where = f"#{run.run_id}" if run.run_id else (_md(Path(run.run_dir).name) if run.run_dir else "—")
+        lines.append(
+            _row(
+                [
+                    _md(run.arm),
+                    *([_md(run.grid or "—")] if grid else []),
+                    str(run.seed),
+                    _md(run.status),
+                    result,
+                    _pct(run.yes_share),
+                    f"one class ({run.one_class})" if run.one_class else "",
+                    versus,
+                    _num(run.wall_seconds),
+                    where,
+                ]
+            )
+        )
+    lines += ["", "## Contrasts", ""]
+    if report.contrasts:
+        lines += [
+            "Mean accuracy difference A - B over seeds with a 95% interval from a bootstrap over seeds and "
+            f"questions ({report.bootstrap_resamples} resamples, seed {report.bootstrap_seed}); exact McNemar per seed "
+            "(A-only / B-only right). The verdict says better or worse only when the interval excludes 0 and most "
+            "seeds' tests agree (p < 0.05, same direction, none against).",
+            "",
+        ]
+        header = [
+            "A",
+            "B",
+            *(["grid point"] if grid else []),
+            "A - B, points [95% CI]",
+            "per seed: A-only/B-only, p",
+            "discordance",
+            "detectable (80% power)",
+            "verdict",
+        ]
+        lines += [_row(header), _row(["---"] * len(header))]
+        for c in report.contrasts:
+            difference = (
+                "—"
+                if c.mean_difference is None
+                else f"{c.mean_difference * 100:+.1f} [{c.ci_low * 100:+.1f}, {c.ci_high * 100:+.1f}]"
+            )
+            tests = (
+                "<br>".join(f"s{t.seed}: {t.a_only}/{t.b_only}, p = {stats.format_p(t.p_value)}" for t in c.seeds)
+                or "—"
+            )
+            lines.append(
+                _row(
+                    [
+                        _md(c.a),
+                        _md(c.b),
+                        *([_md(c.grid or "—")] if grid else []),
+                        difference,
+                        tests,
+                        _pct(c.discordance),
+                        _points(c.detectable_difference),
+                        _md(c.verdict),
+                    ]
+                )
+            )
+    else:
+        lines.append("No contrasts: the study has no HEFT arm and names no pairs (spec field `contrasts`).")
+    lines += ["", "## What this evaluation can see", ""]
+    source = "observed" if report.discordance_observed else "assumed, typical for two fine-tunes"
+    share = f"{report.discordance:.0%} of the questions ({source})"
+    if report.detectable_difference is None:
+        lines.append(
+            f"With {report.n_questions} questions and runs disagreeing on {share}, no accuracy difference between "
+            "two runs is detectable at 80% power by an exact McNemar test at 0.05."
+        )
+    else:
+        lines.append(
+            f"With {report.n_questions} questions and runs disagreeing on {share}, two runs must differ by at "
+            f"least {report.detectable_difference * 100:.1f} accuracy points for an exact McNemar test at 0.05 to "
+            'detect it with 80% power (Connor 1987); smaller differences are "no difference detected", '
+            'not "no difference".'
+        )
+    if report.charts:
+        lines += ["", "## Charts", ""] + [
+            f"![{_md(Path(chart).stem.replace('_', ' '))}]({_md(chart)})" for chart in report.charts
+        ]
+    lines += ["", "## Notes", ""] + [f"- {_md(note)}" for note in [*report.notes, report.flops_formula]]
+    return "\n".join(lines) + "\n"
+
+
+def _md(text: Any) -> str:
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def _row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{value * 100:.1f}"
+
+
+def _points(value: float | None) -> str:
+    return "none detectable" if value is None else f"{value * 100:.1f} points"
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.1f}"
+
+
+def _int(value: float | None) -> str:
+    return "—" if value is None else f"{round(value):,}"
+
+
+def _sci(value: float | None) -> str:
+    return "—" if value is None else ("0" if value == 0 else f"{value:.2e}")
