@@ -11,6 +11,7 @@ from typing import Any, Mapping, Sequence
 from heft_core.config import parse_positions
 
 LLAMA2_7B = "meta-llama/Llama-2-7b-hf"
+LLAMA2_7B_CHAT = "meta-llama/Llama-2-7b-chat-hf"  # the paper's model: the same shape
 
 # Shapes of models an estimate must not download: {"num_layers", "hidden_size", "linear": {module: (in, out)}}.
 KNOWN_SHAPES: dict[str, dict[str, Any]] = {
@@ -20,6 +21,7 @@ KNOWN_SHAPES: dict[str, dict[str, Any]] = {
                    "gate_proj": (4096, 11008), "up_proj": (4096, 11008), "down_proj": (11008, 4096)},
     },
 }
+KNOWN_SHAPES[LLAMA2_7B_CHAT] = KNOWN_SHAPES[LLAMA2_7B]
 
 
 def model_shape(model_ref: str) -> dict[str, Any]:

@@ -39,13 +39,16 @@ def test_quick_preset_matches_the_brief():
     assert (config.lora_stage.epochs, config.reft_stage.epochs) == (3, 1)
 
 
-def test_paper_preset_uses_full_hub_boolq_and_bf16():
+def test_paper_preset_is_the_papers_recipe_on_full_hub_boolq():
     [config] = forms.form_to_configs(forms.preset_form(forms.PRESET_PAPER))
     assert (config.model, config.data, config.train_size, config.eval_size) == (
-        "meta-llama/Llama-2-7b-hf", "hub", None, None)
-    assert config.precision == "bf16" and config.reft.positions == "f7+l7" and config.reft.layers == "all"
-    assert config.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert config.total_epochs == 3
+        "meta-llama/Llama-2-7b-chat-hf", "hub", None, None)
+    assert (config.reft.rank, config.reft.positions, config.reft.layers) == (4, "l1", [15])
+    assert (config.lora.rank, config.lora.alpha, config.lora.target_modules) == (8, 32.0, ["q_proj", "v_proj"])
+    assert (config.lora_stage.epochs, config.reft_stage.epochs) == (3, 3)  # HEFT 3+3
+    assert config.lora_stage.learning_rate == config.reft_stage.learning_rate == 2e-4
+    assert config.lora_stage.batch_size * config.lora_stage.grad_accum == 32 and config.heft_stage2_mode == "merged"
+    assert "no hyperparameters" not in forms.PRESET_NOTES[forms.PRESET_PAPER]
 
 
 def test_compare_all_three_queues_one_batch_with_shared_settings():
