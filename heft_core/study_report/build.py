@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from heft_common.errors import HeftError
 from heft_common.vocabulary import METHOD_TITLES
 from heft_core import stats
-from heft_core.study import TYPICAL_DISCORDANCE, PlannedRun, StudyArm, StudySpec, grid_key, grid_label
+from heft_core.data import data_label
+from heft_core.study import TYPICAL_DISCORDANCE, PlannedRun, StudyArm, StudySpec, grid_key, grid_label, paper_row
 from heft_core.study_report.costs import decoder_shape, tokens_by_stage, training_flops
 from heft_core.study_report.outcomes import RunOutcome
 from heft_core.study_report.rows import ArmRow, ContrastRow, RunRow, SeedTest, StudyReport
@@ -139,7 +141,40 @@ def _run_row(
         row.flops = training_flops(run.config, shape[0], shape[1], tokens, outcome.trainable_params, examples)
     evals = [e for e in outcome.evals if e.get("accuracy") is not None]
     row.curve = [[float(e.get("cumulative_epoch") or 0), float(e["accuracy"])] for e in evals]
+    _add_scorings(row, outcome)
     return row
+
+
+def primary_scoring(config: Mapping[str, Any]) -> str:
+    """The scoring of a run's ``correct``/``accuracy``: logits unless it scored by generation only."""
+    return "generation" if (config or {}).get("scoring") == "generation" else "logits"
+
+
+def _add_scorings(row: RunRow, outcome: RunOutcome) -> None:
+    """Each scoring's accuracy and, when both ran, their agreement and the unparsed count."""
+    row.scoring = primary_scoring(outcome.config)
+    predictions = outcome.predictions
+    logits_right, generation_right, logits_answer, generation_answer = [], [], [], []
+    for p in predictions:
+        label = int(p["label"])
+        if "logits_correct" in p or row.scoring == "logits":
+            right = bool(p.get("logits_correct", p["correct"]))
+            logits_right.append(right)
+            logits_answer.append(label if right else 1 - label)
+        if "generation_correct" in p or row.scoring == "generation":
+            generation_right.append(bool(p.get("generation_correct", p["correct"])))
+            answer = p.get("generation_predicted", p["predicted"] if row.scoring == "generation" else None)
+            generation_answer.append(None if answer is None else int(answer))
+    n = len(predictions)
+    if logits_right and len(logits_right) == n:
+        result = stats.accuracy_result(sum(logits_right), n)
+        row.logits_accuracy, row.logits_low, row.logits_high = result.accuracy, result.low, result.high
+    if generation_right and len(generation_right) == n:
+        result = stats.accuracy_result(sum(generation_right), n)
+        row.generation_accuracy, row.generation_low, row.generation_high = result.accuracy, result.low, result.high
+        row.unparsed = sum(1 for answer in generation_answer if answer is None)
+        if len(logits_answer) == n:
+            row.scorings_agree = sum(a == b for a, b in zip(logits_answer, generation_answer)) / n
 
 
 def _arm_row(arm: StudyArm, label: str, rows: Sequence[RunRow]) -> ArmRow:
@@ -153,7 +188,15 @@ def _arm_row(arm: StudyArm, label: str, rows: Sequence[RunRow]) -> ArmRow:
         beats_majority_runs=len(beats), trainable_params=done[0].trainable_params if done else None,
         tokens_seen_mean=_mean(r.tokens_seen for r in done), train_seconds_mean=_mean(r.train_seconds for r in done),
         wall_seconds_mean=_mean(r.wall_seconds for r in done), flops_mean=_mean(r.flops for r in done),
+        scoring=_one_scoring(done), logits_accuracy_mean=_mean(r.logits_accuracy for r in done),
+        generation_accuracy_mean=_mean(r.generation_accuracy for r in done),
+        unparsed_mean=_mean(r.unparsed for r in done), scorings_agree_mean=_mean(r.scorings_agree for r in done),
     )
+
+
+def _one_scoring(rows: Sequence[RunRow]) -> str:
+    scorings = {r.scoring for r in rows}
+    return scorings.pop() if len(scorings) == 1 else ("mixed" if scorings else "logits")
 
 
 def _contrast_row(
@@ -228,6 +271,11 @@ def study_report(
         _arm_row(arm, grid_label(point), [r for r in run_rows if r.arm == arm.name and r.grid == grid_label(point)])
         for point in spec.grid_points() for arm in spec.arms
     ]
+    if spec.compare_with_paper:
+        for arm_row, arm in zip(arm_rows, [arm for _ in spec.grid_points() for arm in spec.arms]):
+            row = paper_row(arm.method, arm.lora_epochs, arm.reft_epochs)
+            if row is not None:
+                arm_row.paper_accuracy, arm_row.paper_minutes = row.accuracy, row.minutes
     uids = sorted(labels)
     contrast_rows = [
         _contrast_row(a, b, why, point, spec.seeds, correctness, uids, resamples, bootstrap_seed)
@@ -257,8 +305,26 @@ def study_report(
         arms=arm_rows, runs=run_rows, contrasts=contrast_rows, missing=missing, notes=notes,
         detectable_difference=stats.minimum_detectable_difference(len(uids), discordance) if uids else None,
         discordance=discordance, discordance_observed=observed, bootstrap_resamples=resamples,
-        bootstrap_seed=bootstrap_seed,
+        bootstrap_seed=bootstrap_seed, data=_data_name(spec, chosen.values()),
+        compare_with_paper=spec.compare_with_paper,
     )
+
+
+def _data_name(spec: StudySpec, outcomes: Iterable[RunOutcome]) -> str:
+    """The study's data by label and content hash, as its runs recorded it (else computed here); no path."""
+    for outcome in outcomes:
+        label = outcome.data_label or ""
+        if outcome.finished and label and not _holds_path(label):
+            return label.removeprefix("BoolQ-format local: ")
+    source = str(spec.plan_config().data)
+    try:
+        return data_label(source)
+    except (HeftError, OSError):
+        return Path(source).name if _holds_path(source) else source
+
+
+def _holds_path(text: str) -> bool:
+    return "/" in text and any(part.startswith(("/", "~")) for part in text.replace(": ", " ").split())
 
 
 def _mean(values: Iterable[float | None]) -> float | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from heft_core.study import grid_label
+from heft_core.study_report.build import primary_scoring
 from heft_core.study_report.charts import write_charts
 from heft_core.study_report.outcomes import RunOutcome
 from heft_core.study_report.rows import StudyReport
@@ -38,20 +39,21 @@ def write_report(report: StudyReport, directory: str | Path, outcomes: Iterable[
     (directory / "contrasts.csv").write_text(report.to_csv("contrasts"))
     with open(directory / "predictions.csv", "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["arm", "grid_point", "seed", "uid", "label", "p_yes", "predicted", "correct"])
+        # predicted/correct: the run's primary scoring (column scoring); the others are there when that scoring ran
+        writer.writerow(["arm", "grid_point", "seed", "uid", "label", "scoring", "p_yes", "predicted", "correct",
+                         "logits_correct", "generated", "generation_predicted", "generation_correct"])
         for outcome in outcomes:
             if outcome.finished:
+                scoring = primary_scoring(outcome.config)
                 for p in outcome.predictions:
-                    writer.writerow(
-                        [
-                            outcome.arm,
-                            grid_label(outcome.grid_point),
-                            outcome.seed,
-                            p["uid"],
-                            p["label"],
-                            p.get("p_yes"),
-                            p["predicted"],
-                            int(bool(p["correct"])),
-                        ]
-                    )
+                    writer.writerow([
+                        outcome.arm, grid_label(outcome.grid_point), outcome.seed, p["uid"], p["label"], scoring,
+                        p.get("p_yes"), p["predicted"], int(bool(p["correct"])), _flag(p.get("logits_correct")),
+                        p.get("generated"), p.get("generation_predicted"), _flag(p.get("generation_correct")),
+                    ])
     return directory
+
+
+def _flag(value: object) -> int | None:
+    return None if value is None else int(bool(value))
+

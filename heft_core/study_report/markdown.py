@@ -15,6 +15,12 @@ def report_markdown(report: StudyReport) -> str:
     """The report for people; every name and message from the spec or a run is escaped."""
     grid = any(row.grid for row in report.arms)
     maj = report.majority
+    done = [r for r in report.runs if r.accuracy is not None]
+    scorings = {r.scoring for r in done} or {"logits"}
+    primary = scorings.pop() if len(scorings) == 1 else "each run's scoring"
+    both = any(r.logits_accuracy is not None and r.generation_accuracy is not None for r in done)
+    other = {"logits": "generation", "generation": "logits"}.get(primary, "the other scoring")
+    mixed = primary not in ("logits", "generation")
     lines = [f"# Study: {_md(report.name)}", ""]
     if report.description:
         lines += [_md(report.description), ""]
@@ -24,16 +30,22 @@ def report_markdown(report: StudyReport) -> str:
         + (f" (signature `{_md(report.eval_signature)}`)" if report.eval_signature else "")
         + "."
     )
+    if report.data:
+        lines += ["", f"Data: {_md(report.data)}."]
+    lines += ["", _scoring_sentence(primary, both)]
     if report.missing:
         lines += ["", f"**Missing ({len(report.missing)}):** " + "; ".join(_md(m) for m in report.missing)]
+    if report.compare_with_paper:
+        lines += _paper_section(report)
     lines += ["", "## Arms", ""]
     header = [
         "arm",
         *(["grid point"] if grid else []),
         "epochs",
         "seeds",
-        "accuracy % (mean ± sd)",
+        f"accuracy % by {primary} (mean ± sd)",
         "each seed: accuracy % [95% Wilson]",
+        *([f"by {other} % (mean)", "logits = generation % (mean)", "unparsed (mean)"] if both else []),
         "answers yes %",
         "trainable params",
         "tokens seen",
@@ -70,6 +82,8 @@ def report_markdown(report: StudyReport) -> str:
                     f"{arm.seeds_finished}/{arm.seeds_planned}",
                     mean,
                     per_seed,
+                    *([_pct(arm.generation_accuracy_mean if other == "generation" else arm.logits_accuracy_mean),
+                       _pct(arm.scorings_agree_mean), _num(arm.unparsed_mean)] if both else []),
                     _pct(arm.yes_share_mean),
                     _int(arm.trainable_params),
                     _int(arm.tokens_seen_mean),
@@ -88,6 +102,7 @@ def report_markdown(report: StudyReport) -> str:
                 "—",
                 _pct(maj["accuracy"]),
                 f"{maj['correct']}/{maj['n']} [{_pct(maj['low'])}, {_pct(maj['high'])}]",
+                *(["—", "—", "—"] if both else []),
                 "100" if maj["answer"] == "yes" else "0",
                 "—",
                 "—",
@@ -110,7 +125,8 @@ def report_markdown(report: StudyReport) -> str:
         *(["grid point"] if grid else []),
         "seed",
         "status",
-        "accuracy % [95% Wilson]",
+        f"accuracy % by {primary} [95% Wilson]",
+        *([f"by {other} % [95% Wilson]", "logits = generation %", "unparsed"] if both else []),
         "answers yes %",
         "flag",
         "vs majority",
@@ -133,7 +149,8 @@ def report_markdown(report: StudyReport) -> str:
                     *([_md(run.grid or "—")] if grid else []),
                     str(run.seed),
                     _md(run.status),
-                    result,
+                    result + (f" ({run.scoring})" if mixed and run.accuracy is not None else ""),
+                    *(_other_scoring(run, other) if both else []),
                     _pct(run.yes_share),
                     f"one class ({run.one_class})" if run.one_class else "",
                     versus,
@@ -209,6 +226,73 @@ def report_markdown(report: StudyReport) -> str:
         ]
     lines += ["", "## Notes", ""] + [f"- {_md(note)}" for note in [*report.notes, report.flops_formula]]
     return "\n".join(lines) + "\n"
+
+
+def _scoring_sentence(primary: str, both: bool) -> str:
+    meaning = {
+        "logits": "the two answer tokens' logits at the last prompt position",
+        "generation": 'greedy generation, "Yes"/"No" looked for in the text (anything else unparsed, counted wrong)',
+    }
+    text = f"Accuracy, the tests against the majority answer and the contrasts are by {primary}"
+    text += f" ({meaning[primary]})." if primary in meaning else " (the runs differ; each says which)."
+    if both:
+        text += (
+            " Where a run was scored both ways, both accuracies are shown, with the share of questions on which the "
+            "two scorings give the same answer and the count of unparsed generations."
+        )
+    return text
+
+
+def _other_scoring(run: RunRow, other: str) -> list[str]:
+    if other == "generation":
+        accuracy, low, high = run.generation_accuracy, run.generation_low, run.generation_high
+    else:
+        accuracy, low, high = run.logits_accuracy, run.logits_low, run.logits_high
+    if accuracy is None or run.accuracy is None:
+        return ["—", "—", "—"]
+    return [f"{_pct(accuracy)} [{_pct(low)}, {_pct(high)}]", _pct(run.scorings_agree), _int(run.unparsed)]
+
+
+def _paper_section(report: StudyReport) -> list[str]:
+    """The paper's Table 1 beside ours: its accuracy and h:mm per row, ours by each scoring and in h:mm."""
+    from heft_core.study import PAPER_QUESTIONS
+
+    lines = [
+        "",
+        "## Against the paper (arXiv 2509.09801, Table 1)",
+        "",
+        f"The paper: Llama-2-7b-chat, full BoolQ ({PAPER_QUESTIONS:,} validation questions), one seed, scored by "
+        "generation, time per row as it gives it (h:mm of training on its GPU). Ours: mean over seeds on this "
+        "study's questions; train and wall time per run in h:mm.",
+        "",
+    ]
+    header = ["arm", "LoRA + ReFT epochs", "paper accuracy % (generation)", "paper time h:mm",
+              "ours by logits % (mean)", "ours by generation % (mean)", "ours train h:mm", "ours wall h:mm"]
+    lines += [_row(header), _row(["---"] * len(header))]
+    for arm in report.arms:
+        if arm.grid and arm.paper_accuracy is None:
+            continue
+        epochs = arm.budget if arm.method == "heft" else (
+            f"{arm.budget}+0" if arm.method == "lora" else f"0+{arm.budget}" if arm.method == "reft" else "0+0")
+        lines.append(_row([
+            _md(arm.arm) + (f" ({_md(arm.grid)})" if arm.grid else ""),
+            epochs,
+            _pct(arm.paper_accuracy),
+            _hmm(arm.paper_minutes * 60 if arm.paper_minutes is not None else None),
+            _pct(arm.logits_accuracy_mean),
+            _pct(arm.generation_accuracy_mean),
+            _hmm(arm.train_seconds_mean),
+            _hmm(arm.wall_seconds_mean),
+        ]))
+    return lines
+
+
+def _hmm(seconds: float | None) -> str:
+    """Seconds as h:mm, the paper's unit."""
+    if seconds is None:
+        return "—"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}:{minutes % 60:02d}"
 
 
 def _md(text: Any) -> str:

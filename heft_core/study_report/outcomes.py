@@ -18,7 +18,10 @@ class RunOutcome:
     """One run of a study as recorded: its cell, its status and, when finished, what it answered.
 
     ``predictions``: dicts with ``uid``, ``label`` (1 yes / 0 no), ``predicted``, ``correct``
-    (and ``p_yes``), as in a run directory's ``predictions.jsonl``. ``steps``: the per-step
+    (and ``p_yes``), as in a run directory's ``predictions.jsonl``: ``predicted``/``correct`` are the
+    run's primary scoring (``config["scoring"]``: logits for "logits" and "both", else generation);
+    ``logits_correct`` and ``generation_predicted`` (1, 0, or None = unparsed) / ``generation_correct``
+    are there when that scoring ran (older runs have neither: logits only). ``steps``: the per-step
     metrics (``stage``, ``tokens_per_second``, ``elapsed_seconds``), ``evals``: the per-epoch
     evaluations (``cumulative_epoch``, ``accuracy``).
     """
@@ -40,6 +43,7 @@ class RunOutcome:
     run_dir: str | None = None
     run_id: int | None = None
     error: str | None = None
+    data_label: str | None = None  # run.json's data label (a name and a content hash for local data)
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -100,6 +104,7 @@ class RunOutcome:
             run_dir=str(path),
             run_id=run_id,
             error=error,
+            data_label=(run.meta.get("data") or {}).get("label"),
         )
 
     @classmethod

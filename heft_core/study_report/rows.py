@@ -41,6 +41,16 @@ class RunRow:
     run_dir: str | None = None
     run_id: int | None = None
     error: str | None = None
+    # which scoring ``accuracy`` (and every test) is: "logits" or "generation"; each scoring that ran on its own
+    scoring: str = "logits"
+    logits_accuracy: float | None = None
+    logits_low: float | None = None
+    logits_high: float | None = None
+    generation_accuracy: float | None = None
+    generation_low: float | None = None
+    generation_high: float | None = None
+    unparsed: int | None = None  # generated answers with neither "Yes" nor "No" (counted wrong)
+    scorings_agree: float | None = None  # share of questions where logits and generation predict the same answer
 
 
 @dataclass
@@ -64,6 +74,13 @@ class ArmRow:
     train_seconds_mean: float | None = None
     wall_seconds_mean: float | None = None
     flops_mean: float | None = None
+    scoring: str = "logits"  # of accuracy_mean; "mixed" when the seeds' runs differ
+    logits_accuracy_mean: float | None = None
+    generation_accuracy_mean: float | None = None
+    unparsed_mean: float | None = None
+    scorings_agree_mean: float | None = None
+    paper_accuracy: float | None = None  # the paper's Table 1 row of this method and epochs (compare_with_paper)
+    paper_minutes: int | None = None
 
 
 @dataclass
@@ -122,6 +139,8 @@ class StudyReport:
     bootstrap_seed: int
     flops_formula: str = FLOPS_FORMULA
     charts: list[str] = field(default_factory=list)
+    data: str = ""  # the data by label and content hash, never a path
+    compare_with_paper: bool = False
 
     # --- plain forms ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
