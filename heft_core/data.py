@@ -216,6 +216,21 @@ def data_label(source: str) -> str:
     return f"{name} (sha256 {data_fingerprint(str(path))[:12]}…)"
 
 
+def portable_data_name(source: str, label: str | None = None) -> str:
+    """``source`` as a record may show it on another machine: itself unless it is an absolute path, which becomes
+    its recorded ``label`` when that holds no path (runs since data labels carry a hash), else
+    :func:`data_label` if the files are here, else the last part of the path."""
+    text = str(source).strip()
+    if not text.startswith(("/", "~")) and not Path(text).is_absolute():  # a name, or a path relative to the run
+        return text
+    if label and not re.search(r"(^|[\s:(])[/~]", label):
+        return label.removeprefix("BoolQ-format local: ")
+    try:
+        return data_label(text)
+    except (DataError, OSError):
+        return Path(text).name or text
+
+
 def subset(examples: Sequence[Example], n: int | None, seed: int) -> list[Example]:
     """A deterministic, answer-stratified subsample of ``n`` examples.
 

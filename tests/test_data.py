@@ -494,4 +494,8 @@ def test_local_data_is_named_by_a_label_and_a_content_hash(tmp_path: Path, monke
     by_label = load_data("boolq-local")
     assert by_label.train == load_data(str(first)).train and str(tmp_path) not in by_label.label
     validate_source("boolq-local")
+    assert data.portable_data_name(str(copy), f"BoolQ-format local: {copy}") == data_label(str(copy))  # old label
+    assert data.portable_data_name(str(copy), by_label.label) == by_label.label.removeprefix("BoolQ-format local: ")
+    assert data.portable_data_name("synthetic") == "synthetic" and data.portable_data_name("boolq-local") == (
+        "boolq-local")
 
