@@ -260,6 +260,8 @@ class PlannedRun:
     grid_point: dict[str, Any]
     grid_index: int
     config: RunConfig
+    # index of the planned LoRA run whose finished adapter is this HEFT run's stage 1 (trained once, not twice)
+    stage1_from: int | None = None
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -503,6 +505,7 @@ class StudySpec:
                             self._config(arm, point, seed),
                         )
                     )
+        share_stage1(runs)
         return runs
 
     @property
@@ -569,6 +572,38 @@ class StudySpec:
         except OSError as error:
             raise ConfigError("spec", f"cannot read {path} ({error.strerror or error})") from error
         return cls.from_text(text, source=str(path))
+
+
+# Options that do not touch what stage 1 trains or records (the run's name, method and stage-2 settings, and
+# how often it checkpoints): two runs equal in everything else train the same stage 1, bit for bit.
+_NOT_STAGE1 = ("method", "name", "reft", "reft_stage", "heft_stage2_mode", "prefix_cache_mb", "checkpoint_minutes",
+               "keep_epoch_checkpoints")
+
+
+def stage1_key(config: RunConfig) -> str | None:
+    """What determines a run's LoRA stage (seed, data, model, LoRA settings and schedule, its epochs included:
+    a schedule over E epochs equals another only for the same E), as text; None without a LoRA stage."""
+    if not config.uses_lora:
+        return None
+    values = {key: value for key, value in config.to_dict().items() if key not in _NOT_STAGE1}
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def share_stage1(runs: Sequence[PlannedRun]) -> None:
+    """Point each HEFT run at an earlier LoRA run with the same stage 1 (``stage1_from``), and make that LoRA run
+    keep its epoch-end checkpoints: HEFT's stage 2 then starts from its final one (``heft_core.shared_stages``)."""
+    sources: dict[str, PlannedRun] = {}
+    for run in runs:
+        key = stage1_key(run.config)
+        if key is None:
+            continue
+        if run.method == "lora":
+            sources.setdefault(key, run)
+        elif run.method == "heft" and key in sources:
+            source = sources[key]
+            run.stage1_from = source.index
+            if not source.config.keep_epoch_checkpoints:
+                source.config = dataclasses.replace(source.config, keep_epoch_checkpoints=True)
 
 
 class _SpecLoader(yaml.SafeLoader):

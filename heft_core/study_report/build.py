@@ -142,6 +142,10 @@ def _run_row(
     evals = [e for e in outcome.evals if e.get("accuracy") is not None]
     row.curve = [[float(e.get("cumulative_epoch") or 0), float(e["accuracy"])] for e in evals]
     _add_scorings(row, outcome)
+    row.train_seconds_as_run = row.train_seconds
+    if outcome.shared_stage1_from and row.train_seconds is not None:
+        row.stage1_from = Path(outcome.shared_stage1_from).name
+        row.train_seconds_as_run = max(0.0, row.train_seconds - float(outcome.shared_stage1_seconds or 0.0))
     return row
 
 

@@ -159,6 +159,28 @@ def report_markdown(report: StudyReport) -> str:
                 ]
             )
         )
+    shared = [run for run in report.runs if run.stage1_from]
+    if shared:
+        lines += [
+            "",
+            "## Shared stages",
+            "",
+            "A HEFT run whose stage 1 equals another run's LoRA (same seed, data, settings and schedule) trained "
+            "stage 2 on that run's finished adapter instead of training stage 1 again. Its cost alone counts the "
+            "shared stage (what the arm costs by itself, as on the frontier charts); as run it does not.",
+            "",
+            _row(["arm", *(["grid point"] if grid else []), "seed", "stage 1 from", "train s as run", "train s alone"]),
+            _row(["---"] * (5 + bool(grid))),
+        ]
+        lines += [
+            _row([_md(run.arm), *([_md(run.grid or "—")] if grid else []), str(run.seed), _md(run.stage1_from),
+                  _num(run.train_seconds_as_run), _num(run.train_seconds)])
+            for run in shared
+        ]
+        total_alone = sum(r.train_seconds or 0.0 for r in report.runs)
+        total_run = sum((r.train_seconds_as_run if r.stage1_from else r.train_seconds) or 0.0 for r in report.runs)
+        lines += ["", f"Training seconds of the whole study: {_num(total_run)} as run, {_num(total_alone)} "
+                      "if every arm had trained alone."]
     lines += ["", "## Contrasts", ""]
     if report.contrasts:
         lines += [

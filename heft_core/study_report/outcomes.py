@@ -44,6 +44,9 @@ class RunOutcome:
     run_id: int | None = None
     error: str | None = None
     data_label: str | None = None  # run.json's data label (a name and a content hash for local data)
+    # a HEFT run whose stage 1 is another run's finished LoRA: that run (its directory) and its training seconds
+    shared_stage1_from: str | None = None
+    shared_stage1_seconds: float | None = None
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -67,6 +70,8 @@ class RunOutcome:
         wall_seconds: float | None = None,
         train_examples: int | None = None,
         error: str | None = None,
+        shared_stage1_from: str | None = None,
+        shared_stage1_seconds: float | None = None,
     ) -> "RunOutcome":
         """Read a run directory (``heft_core.artifacts``); an unreadable one gives an outcome without results."""
         try:
@@ -105,6 +110,8 @@ class RunOutcome:
             run_id=run_id,
             error=error,
             data_label=(run.meta.get("data") or {}).get("label"),
+            shared_stage1_from=shared_stage1_from,
+            shared_stage1_seconds=shared_stage1_seconds,
         )
 
     @classmethod

@@ -51,6 +51,10 @@ class RunRow:
     generation_high: float | None = None
     unparsed: int | None = None  # generated answers with neither "Yes" nor "No" (counted wrong)
     scorings_agree: float | None = None  # share of questions where logits and generation predict the same answer
+    # stage 1 taken from another run's finished LoRA (that run's directory): train_seconds counts it (the run's
+    # cost alone); train_seconds_as_run is what this run itself trained
+    stage1_from: str | None = None
+    train_seconds_as_run: float | None = None
 
 
 @dataclass
