@@ -38,6 +38,7 @@ from heft_common.vocabulary import (
     TRAINED_METHODS,
 )
 from heft_core.config import RunConfig, parse_layers, parse_positions
+from heft_core.data import LOCAL_BOOLQ, local_boolq_dir
 from heft_core.estimates import LLAMA2_7B_CHAT, lora_params, model_shape, reft_params
 from heft_core.hardware import cpu_has_native_bf16
 
@@ -266,8 +267,6 @@ PRESET_QUICK = "Quick CPU demo (embedded model, synthetic data, a few minutes)"
 PRESET_PAPER = "Paper setting (Llama-2-7B-chat, BoolQ, GPU)"
 PRESET_PAPER_ALL_LINEAR = "Paper setting, LoRA on all linear layers (the paper's text)"
 PRESETS = (PRESET_QUICK, PRESET_PAPER, PRESET_PAPER_ALL_LINEAR)
-# Our wording of the paper's system line (its script tells the model to answer only "Yes" or "No" from the passage).
-PAPER_SYSTEM = 'Answer the question about the passage with only "Yes" or "No".'
 
 
 def _preset_values(name: str) -> dict[str, Any]:
@@ -286,24 +285,21 @@ def _preset_values(name: str) -> dict[str, Any]:
             "precision": "bf16" if cpu_has_native_bf16() else "auto",
         }
     if name in (PRESET_PAPER, PRESET_PAPER_ALL_LINEAR):
-        # arXiv 2509.09801, sections 3.2-3.4 and its appendix's script (see shared notes, paper-recipe.md).
-        targets = ["q_proj", "v_proj"] if name == PRESET_PAPER else ["all-linear"]
-        return {
+        # arXiv 2509.09801, sections 3.2-3.4 and its appendix's script: heft_core.study.paper_options is the one
+        # place the recipe is written down; the form takes every option it has fields for.
+        from heft_core.study import paper_options
+
+        reading = "code" if name == PRESET_PAPER else "text"
+        values = {key: _form_value(value) for key, value in paper_options(PAPER_MODEL, lora_targets=reading).items()
+                  if key in CONFIG_FIELDS}
+        values.update({
             "model": PAPER_MODEL, "data_kind": DATA_HUB, "method": METHOD_LABELS["heft"], "include_base": False,
-            "name": "",
-            "lora.rank": 8, "lora.alpha": 32.0, "lora.dropout": 0.05, "lora.target_modules": targets, "lora.layers": "",
-            "reft.rank": 4, "reft.layers": "15", "reft.positions": "l1", "reft.share_weights": False,
-            "reft.dropout": 0.0,
-            "lora_stage.epochs": 3, "reft_stage.epochs": 3, "lora_stage.learning_rate": 2e-4,
-            "reft_stage.learning_rate": 2e-4,
-            "*.batch_size": 8, "*.grad_accum": 4, "lora_stage.batch_size": 1, "lora_stage.grad_accum": 32,
-            "*.warmup_ratio": 0.0, "*.weight_decay": 0.0, "*.scheduler": "linear",
-            "lora_loss": "sequence", "scoring": "both", "generation_max_new_tokens": 5,
-            "template.format": "chat", "template.system": PAPER_SYSTEM, "template.after_question": "?\nAnswer:",
-            "template.yes": " Yes", "template.no": " No",
-            "max_length": 2048, "train_size": "", "eval_size": "", "seed": 42, "heft_stage2_mode": "merged",
-            "precision": "bf16",
-        }
+            "name": "", "lora.layers": "", "reft.share_weights": False, "lora_stage.epochs": 3, "reft_stage.epochs": 3,
+            # the shared batch fields carry the ReFT stage's 8 x 4; the LoRA stage overrides them with 1 x 32
+            "*.batch_size": 8, "*.grad_accum": 4, "*.warmup_ratio": 0.0, "*.weight_decay": 0.0,
+            "*.scheduler": "linear", "train_size": "", "eval_size": "", "seed": 42,
+        })
+        return values
     raise ConfigError("preset", f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
 
 
@@ -639,7 +635,7 @@ def data_counts(source: str) -> tuple[int, int] | None:
         return HUB_BOOLQ_SIZES
     if source.startswith(HUB_PREFIX):
         return None
-    path = Path(source).expanduser()
+    path = Path(local_boolq_dir() or source if source == LOCAL_BOOLQ else source).expanduser()
     try:
         return _local_counts(str(path.resolve()), path.stat().st_mtime)
     except (HeftError, OSError):  # not readable (yet): the estimate goes without row counts

@@ -1,21 +1,24 @@
-"""The paper's comparison at a chosen scale, as a study: a thin caller of ``heft_core.study``.
+"""The paper's Table 1 at a chosen scale, as a study: a thin caller of ``heft_core.study``.
 
-It builds the "Paper table" preset (``heft_core.study.paper_table``: base; LoRA and ReFT at E
-epochs and at round(E x 20/3); HEFT at every split of E) from the flags below and trains it with
-``heft_core.study_runner.run_study_in_process``, exactly as ``python -m heft_core study`` does:
+It builds the "Paper table" preset (``heft_core.study.paper_table``: base, ReFT 0+20, LoRA 20+0,
+HEFT 3+3 and HEFT 20+20, LoRA epochs + ReFT epochs, with the paper's own recipe from its sections
+3.2-3.4 and appendix script: ``heft_core.study.paper_options``) from the flags below and trains it
+with ``heft_core.study_runner.run_study_in_process``, exactly as ``python -m heft_core study`` does:
 one implementation of orchestration and statistics for the app, the CLI and this benchmark.
 The output directory is a study directory (``results.md`` / ``.csv`` / ``.json``, charts,
 per-question predictions, ``spec.yaml``, one run directory per run); ``python -m heft_core
-study-report DIR`` prints its report again. To see the runs in the app, launch the same spec
-from the Studies tab or the ``/start_study`` API instead (it queues them for the worker).
+study-report DIR`` prints its report again, with the paper's number and time beside each row.
+To see the runs in the app, launch the same spec from the Studies tab or the ``/start_study``
+API instead (it queues them for the worker).
 
-Flags left out keep the preset's settings (``heft_core.study.PAPER_OPTIONS``). Examples:
+Flags left out keep the paper's settings; on a model other than Llama-2-7B the intervention
+layer moves to the same relative depth (15 of 32 -> 14 of SmolLM2's 30). Examples:
 
     python -m bench.reproduce --print-spec                       # the plan, nothing trained
-    python -m bench.reproduce --train-size 128 --eval-size 128 --epochs 3 --long-factor 7 \\
-        --lora-targets all-linear --lora-lr 1e-3 --max-length 256 --batch-size 8   # CPU scale
-    python -m bench.reproduce --model meta-llama/Llama-2-7b-hf --data hub --train-size all \\
-        --eval-size all --epochs 3 --seeds 42,43,44 --precision bf16             # the paper's scale
+    python -m bench.reproduce --rows 0+2,2+0,1+1 --train-size 256 --eval-size 500 --max-length 512 \\
+        --seeds 42,43                                             # CPU scale on the embedded model
+    python -m bench.reproduce --model meta-llama/Llama-2-7b-chat-hf --data hub --train-size all \\
+        --eval-size all --seeds 42,43,44                          # the paper's scale (a GPU)
 
 For the CPU study that learns (LoRA and HEFT beating the majority answer on the shared BoolQ
 sample) use ``python -m heft_core study --preset cpu-boolq``.
@@ -23,14 +26,15 @@ sample) use ``python -m heft_core study --preset cpu-boolq``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime as dt
 import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from heft_core.data import local_boolq_dir
-from heft_core.study import StudyArm, StudySpec, paper_table
+import yaml
+
+from heft_core.data import LOCAL_BOOLQ, local_boolq_dir
+from heft_core.study import PAPER_TABLE_1, StudySpec, paper_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,15 +60,15 @@ def size_arg(text: str) -> int | None:
     return None if str(text).lower() in ("all", "0", "none") else int(text)
 
 
-def parse_splits(text: str) -> list[tuple[int, int]]:
-    """'1+2,2+1' -> [(1, 2), (2, 1)]."""
-    splits = []
+def parse_rows(text: str) -> list[tuple[int, int]]:
+    """'0+20,20+0,3+3' -> [(0, 20), (20, 0), (3, 3)]: LoRA epochs + ReFT epochs per trained row."""
+    rows = []
     for part in text.split(","):
         first, plus, second = part.strip().partition("+")
-        if not plus or not first.isdigit() or not second.isdigit() or int(first) < 1 or int(second) < 1:
-            raise argparse.ArgumentTypeError(f"--heft-splits: {part.strip()!r} is not E1+E2 with E1, E2 >= 1")
-        splits.append((int(first), int(second)))
-    return splits
+        if not plus or not first.isdigit() or not second.isdigit() or int(first) + int(second) < 1:
+            raise argparse.ArgumentTypeError(f"--rows: {part.strip()!r} is not E1+E2 (LoRA + ReFT epochs, not 0+0)")
+        rows.append((int(first), int(second)))
+    return rows
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -74,11 +78,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                      "or ../shared/data/boolq, if present, else 'hub')")
     parser.add_argument("--train-size", type=size_arg, default=None, help="training rows ('all', the default)")
     parser.add_argument("--eval-size", type=size_arg, default=None, help="evaluation rows ('all', the default)")
-    parser.add_argument("--epochs", type=int, default=3, help="E: the short budget of LoRA and ReFT, and HEFT's")
-    parser.add_argument("--heft-splits", type=parse_splits, default=None,
-                        help="HEFT splits E1+E2, comma-separated (default: every split of E)")
-    parser.add_argument("--long-factor", type=float, default=20 / 3, help="long baselines train round(E x factor)")
-    parser.add_argument("--no-long", action="store_true", help="leave out the long LoRA and ReFT baselines")
+    parser.add_argument("--rows", type=parse_rows, default=None,
+                        help="trained rows as LoRA+ReFT epochs, comma-separated (default: the paper's "
+                             + ",".join(row.budget_label for row in PAPER_TABLE_1) + ")")
+    parser.add_argument("--lora-reading", choices=["code", "text"], default="code",
+                        help="LoRA targets: the paper's code (q_proj, v_proj; default) or its text (all linear)")
     parser.add_argument("--seeds", default="42,43,44", help="comma-separated seeds")
     parser.add_argument("--lora-lr", type=float, default=None)
     parser.add_argument("--reft-lr", type=float, default=None)
@@ -90,6 +94,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reft-layers", default=None, help="'all' or e.g. '8,16,24'")
     parser.add_argument("--reft-positions", default=None, help="e.g. 'f7+l7' or 'l1'")
     parser.add_argument("--precision", default=None, choices=["auto", "no", "bf16", "fp16"])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="any dotted run option, e.g. --set template.format=plain (YAML value; repeatable)")
     parser.add_argument("--out", default=None, help="study directory (default: bench/results/reproduce-<date>)")
     parser.add_argument("--resume", action="store_true", help="reuse runs finished in --out with the same settings")
     parser.add_argument("--print-spec", action="store_true", help="print the study spec and its run count; stop")
@@ -101,8 +107,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     except ValueError:
         parser.error(f"--seeds: {args.seeds!r} is not a comma-separated list of whole numbers")
     if args.data is None:
-        boolq = local_boolq_dir()
-        args.data = str(boolq) if boolq else "hub"
+        args.data = LOCAL_BOOLQ if local_boolq_dir() else "hub"  # a label, resolved where it runs
     return args
 
 
@@ -113,19 +118,18 @@ def build_spec(args: argparse.Namespace) -> StudySpec:
     for flag, option in STAGE_FLAGS.items():
         if getattr(args, flag) is not None:
             options[f"lora_stage.{option}"] = options[f"reft_stage.{option}"] = getattr(args, flag)
+    for item in args.overrides:
+        key, equals, value = item.partition("=")
+        if not equals or not key.strip():
+            raise SystemExit(f"--set: {item!r} is not KEY=VALUE")
+        options[key.strip()] = yaml.safe_load(value)
     if args.lora_lr is not None:
         options["lora_stage.learning_rate"] = args.lora_lr
     if args.reft_lr is not None:
         options["reft_stage.learning_rate"] = args.reft_lr
-    spec = paper_table(epochs=args.epochs, long_factor=args.long_factor, seeds=args.seed_list, model=args.model,
-                       data=args.data, train_size=args.train_size, eval_size=args.eval_size, options=options,
-                       name=f"Paper table, E={args.epochs}")
-    arms = [arm for arm in spec.arms if not (args.no_long and arm.method in ("lora", "reft")
-                                             and arm.total_epochs > args.epochs)]
-    if args.heft_splits is not None:
-        arms = [arm for arm in arms if arm.method != "heft"]
-        arms += [StudyArm("heft", lora_epochs=first, reft_epochs=second) for first, second in args.heft_splits]
-    return dataclasses.replace(spec, arms=arms)  # validated again on construction
+    return paper_table(rows=args.rows, seeds=args.seed_list, model=args.model, data=args.data,
+                       train_size=args.train_size, eval_size=args.eval_size, lora_targets=args.lora_reading,
+                       options=options, name="Paper table" + (", all linear layers" if args.lora_reading == "text" else ""))
 
 
 def main(argv: Sequence[str] | None = None) -> Any:

@@ -492,3 +492,15 @@ def _load(path: Path) -> Checkpoint:
     if (path / RNG_FILE).exists():
         checkpoint.rng_states = torch.load(path / RNG_FILE, map_location="cpu", weights_only=True)
     return checkpoint
+
+
+def load_stage_end_checkpoint(run_dir: str | Path, stage: str, epochs_done: int) -> Checkpoint | None:
+    """The verified epoch-end checkpoint written when ``stage`` had finished ``epochs_done`` epochs (a run keeps
+    them with ``keep_epoch_checkpoints``), or None. A study starts another run's next stage from it."""
+    for _step, path in sorted(_step_dirs(checkpoints_dir(run_dir)), reverse=True):
+        manifest, _problem = verify_checkpoint(path)
+        if (manifest is not None and manifest.get("epoch_end") and manifest.get("stage") == stage
+                and manifest.get("stage_epochs_done") == epochs_done):
+            return _load(path)
+    return None
+

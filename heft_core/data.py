@@ -9,6 +9,9 @@ Source forms accepted by :func:`load_data` and :func:`validate_source`:
 * ``"hub"`` or ``"google/boolq"`` -- BoolQ from the Hugging Face hub.
 * ``"hub:<dataset id>"`` or ``"hub:<dataset id>:<config>"`` -- any hub dataset in a supported
   schema, e.g. ``"hub:aps/super_glue:boolq"``.
+* ``"boolq-local"`` -- the local BoolQ directory of the machine that runs (:func:`local_boolq_dir`:
+  ``$HEFT_BOOLQ_DIR``, else ``../shared/data/boolq`` next to the checkout). Specs and presets name
+  the shared sample this way, never by its absolute path, so a committed spec runs anywhere.
 * a local path (write ``./synthetic`` or ``./hub`` for directories with those names):
 
   - a directory holding files whose names contain ``train`` and ``validation`` (or ``val``,
@@ -57,6 +60,8 @@ from heft_core import synthetic
 logger = logging.getLogger(__name__)
 
 BOOLQ_DIR_ENV = "HEFT_BOOLQ_DIR"
+# The source label of local_boolq_dir(): resolved where the run runs, so specs and reports carry no path.
+LOCAL_BOOLQ = "boolq-local"
 SUPPORTED_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 # The evaluation subset ignores the run's seed, so that runs of any seed are paired on the same questions.
 EVAL_SUBSET_SEED = 0
@@ -169,6 +174,63 @@ def local_boolq_dir() -> Path | None:
     return shared if shared.is_dir() else None
 
 
+def data_fingerprint(source: str) -> str | None:
+    """sha256 (hex) of a local source's data files: each split file's name within the source and its bytes,
+    in split and name order. The same files give the same digest on any machine, under any path. None for
+    synthetic and hub sources (named by their id). Raises :class:`DataError` as :func:`load_data` would."""
+    kind, target = _parse_source(source)
+    if kind != "local":
+        return None
+    path = Path(target).expanduser()
+    if not path.exists():
+        raise DataError(_missing_path_message(source))
+    if path.is_dir():
+        files = [file for split in ("train", "validation") for file in _find_split_files(path)[split]]
+    else:
+        files = [path]
+    digest = hashlib.sha256()
+    for file in files:
+        name = file.relative_to(path).as_posix() if path.is_dir() else file.name
+        digest.update(name.encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def data_label(source: str) -> str:
+    """A data source as a portable name: ``synthetic``, ``hub:<id>``, or for local files a label and the
+    content hash of the files (:func:`data_fingerprint`), e.g. ``boolq-local (sha256 1a2b3c4d5e6f…)``.
+    The label is ``boolq-local`` for :func:`local_boolq_dir`, else the directory's or file's name; never
+    an absolute path."""
+    kind, target = _parse_source(source)
+    if kind == "synthetic":
+        return SYNTHETIC_DATA
+    if kind == "hub":
+        dataset_id, config = target
+        return f"{HUB_PREFIX}{dataset_id}" + (f":{config}" if config else "")
+    path = Path(target).expanduser().resolve()
+    local = local_boolq_dir()
+    name = LOCAL_BOOLQ if local is not None and local.resolve() == path else path.name
+    return f"{name} (sha256 {data_fingerprint(str(path))[:12]}…)"
+
+
+def portable_data_name(source: str, label: str | None = None) -> str:
+    """``source`` as a record may show it on another machine: itself unless it is an absolute path, which becomes
+    its recorded ``label`` when that holds no path (runs since data labels carry a hash), else
+    :func:`data_label` if the files are here, else the last part of the path."""
+    text = str(source).strip()
+    if not text.startswith(("/", "~")) and not Path(text).is_absolute():  # a name, or a path relative to the run
+        return text
+    if label and not re.search(r"(^|[\s:(])[/~]", label):
+        return label.removeprefix("BoolQ-format local: ")
+    try:
+        return data_label(text)
+    except (DataError, OSError):
+        return Path(text).name or text
+
+
 def subset(examples: Sequence[Example], n: int | None, seed: int) -> list[Example]:
     """A deterministic, answer-stratified subsample of ``n`` examples.
 
@@ -217,6 +279,14 @@ def _parse_source(source: str) -> tuple[str, Any]:
     text = source.strip()
     if text.lower() == SYNTHETIC_DATA:
         return "synthetic", None
+    if text.lower() == LOCAL_BOOLQ:
+        local = local_boolq_dir()
+        if local is None:
+            raise DataError(
+                f"'{LOCAL_BOOLQ}' names the local BoolQ directory, and this machine has none: set "
+                f"{BOOLQ_DIR_ENV} to a directory with train and validation files (or put them in ../shared/data/boolq)."
+            )
+        return "local", str(local)
     if text.lower() == HUB_DATA or text == DEFAULT_HUB_DATASET:
         return "hub", (DEFAULT_HUB_DATASET, None)
     if text.lower().startswith(HUB_PREFIX):
@@ -293,7 +363,7 @@ def _first_line(error: BaseException) -> str:
 
 
 def _load_local(path: Path, seed: int) -> DatasetSplits:
-    label = f"BoolQ-format local: {path}"
+    label = f"BoolQ-format local: {data_label(str(path))}"  # portable: a name and a content hash, no path
     if path.is_dir():
         files_by_split = _find_split_files(path)
         splits = {

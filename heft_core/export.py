@@ -38,6 +38,7 @@ from heft_common.errors import ExportError, HeftError
 from heft_common.home import models_dir
 from heft_common.vocabulary import DEFAULT_HUB_DATASET, HUB_PREFIX, METHOD_DESCRIPTIONS, METHOD_TITLES, RunStatus
 from heft_core.artifacts import RUN_FILE, RunArtifacts, load_run
+from heft_core.data import portable_data_name
 
 logger = logging.getLogger(__name__)
 
@@ -518,7 +519,8 @@ def _dataset(run: RunArtifacts) -> tuple[str | None, str, str]:
 
     data = run.meta.get("data") or {}
     source = str(data.get("source", run.config.data))
-    label = str(data.get("label", source))
+    label = portable_data_name(source, data.get("label")) if not data.get("is_synthetic") else str(
+        data.get("label", source))
     if data.get("is_synthetic"):
         return None, "synthetic", f"{label} (not BoolQ)" if "not boolq" not in label.lower() else label
     hub_id = source[len(HUB_PREFIX) :].split(":", 1)[0] if source.startswith(HUB_PREFIX) else None
@@ -808,7 +810,8 @@ def _write_card(
         "",
         "## Run configuration",
         "",
-        _fenced(json.dumps(config.to_dict(), indent=2, sort_keys=True), "json"),
+        _fenced(json.dumps({**config.to_dict(), "data": portable_data_name(config.data, data.get("label"))},
+                           indent=2, sort_keys=True), "json"),
         "",
         "Library versions at training time:",
         "",

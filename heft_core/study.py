@@ -13,7 +13,9 @@ a fixed seed whatever the run's seed (``heft_core.train.prepare``), and ``model`
 weights and the batch order, so the arms of one seed train on the same rows; the report pairs
 runs by seed and questions by uid.
 
-Presets (:data:`PRESETS`): "Paper table", "Equal budget", "CPU: learns on BoolQ". The report is
+Presets (:data:`PRESETS`): "Paper table" (the paper's Table 1 with the paper's own recipe, from its
+sections 3.2-3.4 and appendix script: base, ReFT 0+20, LoRA 20+0, HEFT 3+3, HEFT 20+20), its variant
+with LoRA on all linear layers, "Equal budget" (a question of our own), "CPU: learns on BoolQ". The report is
 ``heft_core.study_report``; training a study in this process, ``heft_core.study_runner``.
 """
 
@@ -258,6 +260,8 @@ class PlannedRun:
     grid_point: dict[str, Any]
     grid_index: int
     config: RunConfig
+    # index of the planned LoRA run whose finished adapter is this HEFT run's stage 1 (trained once, not twice)
+    stage1_from: int | None = None
 
     @property
     def key(self) -> tuple[str, int, str]:
@@ -307,6 +311,8 @@ class StudySpec:
     * ``contrasts``: extra [arm A, arm B] pairs to test, beside the default ones
       (HEFT vs each LoRA and ReFT arm; a longer LoRA/ReFT arm vs HEFT).
     * ``description``: free text shown with the report.
+    * ``compare_with_paper``: the report puts the paper's Table 1 number and time beside each arm that
+      has a row there (same method and epochs); the "Paper table" presets set it.
 
     Every error is a :class:`ConfigError` naming the field, e.g. ``grid.lora.rnak``,
     ``arms[2].lora_epochs``, ``seeds``.
@@ -320,12 +326,15 @@ class StudySpec:
     max_runs: int = MAX_RUNS_DEFAULT
     contrasts: list[list[str]] = field(default_factory=list)
     description: str = ""
+    compare_with_paper: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip() or len(self.name) > 200:
             raise ConfigError("name", "give the study a name of 1-200 characters")
         self.name = self.name.strip()
         self.description = str(self.description or "")
+        if not isinstance(self.compare_with_paper, bool):
+            raise ConfigError("compare_with_paper", f"must be true or false, got {self.compare_with_paper!r}")
         self.max_runs = _check_int(self.max_runs, "max_runs", 1, MAX_RUNS_CEILING)
         self._check_arms()
         self._check_seeds()
@@ -496,6 +505,7 @@ class StudySpec:
                             self._config(arm, point, seed),
                         )
                     )
+        share_stage1(runs)
         return runs
 
     @property
@@ -524,6 +534,8 @@ class StudySpec:
         data["max_runs"] = self.max_runs
         if self.contrasts:
             data["contrasts"] = [list(pair) for pair in self.contrasts]
+        if self.compare_with_paper:
+            data["compare_with_paper"] = True
         return data
 
     def to_yaml(self) -> str:
@@ -560,6 +572,38 @@ class StudySpec:
         except OSError as error:
             raise ConfigError("spec", f"cannot read {path} ({error.strerror or error})") from error
         return cls.from_text(text, source=str(path))
+
+
+# Options that do not touch what stage 1 trains or records (the run's name, method and stage-2 settings, and
+# how often it checkpoints): two runs equal in everything else train the same stage 1, bit for bit.
+_NOT_STAGE1 = ("method", "name", "reft", "reft_stage", "heft_stage2_mode", "prefix_cache_mb", "checkpoint_minutes",
+               "keep_epoch_checkpoints")
+
+
+def stage1_key(config: RunConfig) -> str | None:
+    """What determines a run's LoRA stage (seed, data, model, LoRA settings and schedule, its epochs included:
+    a schedule over E epochs equals another only for the same E), as text; None without a LoRA stage."""
+    if not config.uses_lora:
+        return None
+    values = {key: value for key, value in config.to_dict().items() if key not in _NOT_STAGE1}
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def share_stage1(runs: Sequence[PlannedRun]) -> None:
+    """Point each HEFT run at an earlier LoRA run with the same stage 1 (``stage1_from``), and make that LoRA run
+    keep its epoch-end checkpoints: HEFT's stage 2 then starts from its final one (``heft_core.shared_stages``)."""
+    sources: dict[str, PlannedRun] = {}
+    for run in runs:
+        key = stage1_key(run.config)
+        if key is None:
+            continue
+        if run.method == "lora":
+            sources.setdefault(key, run)
+        elif run.method == "heft" and key in sources:
+            source = sources[key]
+            run.stage1_from = source.index
+            if not source.config.keep_epoch_checkpoints:
+                source.config = dataclasses.replace(source.config, keep_epoch_checkpoints=True)
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -637,62 +681,190 @@ def _shared(
     return {"model": model, "data": data, "train_size": train_size, "eval_size": eval_size, **_flatten(options, "base")}
 
 
-# The paper's setting as the app's "Paper setting" preset reads it (the paper gives no hyperparameters).
-PAPER_OPTIONS: dict[str, Any] = {
-    "lora.rank": 8,
-    "lora.alpha": 16.0,
-    "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "reft.rank": 8,
-    "reft.layers": "all",
-    "reft.positions": "f7+l7",
-    "reft.share_weights": False,
-    "lora_stage.learning_rate": 2e-4,
-    "reft_stage.learning_rate": 9e-4,
-    "lora_stage.batch_size": 16,
-    "reft_stage.batch_size": 16,
-    "lora_stage.grad_accum": 2,
-    "reft_stage.grad_accum": 2,
-    "lora_stage.warmup_ratio": 0.06,
-    "reft_stage.warmup_ratio": 0.06,
-    "max_length": 512,
+# --- the paper (arXiv 2509.09801): its recipe and its Table 1, from its sections 3.2-3.4, Table 1 and the
+# training script of its appendix A.1 (collected in shared/notes/paper-recipe.md).
+PAPER_MODEL = "meta-llama/Llama-2-7b-chat-hf"
+PAPER_MODEL_LAYERS = 32
+PAPER_REFT_LAYER = 15  # one LoReFT on layer 15's block output
+# The paper's system line in substance (answer only "Yes" or "No", from the passage); its exact words are not
+# quoted in our notes.
+PAPER_SYSTEM_PROMPT = (
+    'You are a helpful assistant. Read the passage and answer the question with only "Yes" or "No".'
+)
+# LoRA targets under the two readings of the paper: its code (peft's default for Llama: q_proj, v_proj; this
+# produced its numbers) and its text ("the model's linear layers").
+PAPER_LORA_TARGETS = {"code": ["q_proj", "v_proj"], "text": ["all-linear"]}
+# Layer counts of models the presets know without reading a config (others: heft_core.models.model_info).
+KNOWN_LAYER_COUNTS = {
+    PAPER_MODEL: 32,
+    "meta-llama/Llama-2-7b-hf": 32,
+    EMBEDDED_MODEL: 30,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": 30,
 }
+
+
+@dataclass(frozen=True)
+class PaperRow:
+    """One row of the paper's Table 1 (BoolQ validation, 3,270 questions, one seed)."""
+
+    method: str
+    lora_epochs: int
+    reft_epochs: int
+    accuracy: float
+    minutes: int  # training time as the paper gives it (h:mm), in minutes
+
+    @property
+    def budget_label(self) -> str:
+        """As the paper writes it: LoRA epochs + ReFT epochs."""
+        return f"{self.lora_epochs}+{self.reft_epochs}"
+
+    def arm(self) -> StudyArm:
+        return StudyArm(self.method, lora_epochs=self.lora_epochs or None, reft_epochs=self.reft_epochs or None)
+
+
+# The one place the paper's numbers live: the report's "paper" column reads them from here.
+PAPER_TABLE_1: tuple[PaperRow, ...] = (
+    PaperRow("reft", 0, 20, 0.8336, 2 * 60 + 19),
+    PaperRow("lora", 20, 0, 0.8505, 6 * 60 + 52),
+    PaperRow("heft", 3, 3, 0.8517, 1 * 60 + 23),
+    PaperRow("heft", 20, 20, 0.8547, 9 * 60 + 11),
+)
+PAPER_QUESTIONS = 3270
+
+
+def paper_row(method: str, lora_epochs: int | None, reft_epochs: int | None) -> PaperRow | None:
+    """The row of Table 1 with this method and epochs, if the paper has one."""
+    for row in PAPER_TABLE_1:
+        if (row.method, row.lora_epochs, row.reft_epochs) == (method, lora_epochs or 0, reft_epochs or 0):
+            return row
+    return None
+
+
+def paper_reft_layer(num_layers: int) -> int:
+    """The paper's intervention layer (15 of Llama-2-7B's 32) at the same relative depth of a model with
+    ``num_layers`` decoder layers: round(15 / 32 x num_layers), e.g. 14 of SmolLM2-135M's 30."""
+    _check_int(num_layers, "num_layers", 1, 10_000)
+    return min(num_layers - 1, round(PAPER_REFT_LAYER / PAPER_MODEL_LAYERS * num_layers))
+
+
+def _layer_count(model: str) -> int:
+    if model in KNOWN_LAYER_COUNTS:
+        return KNOWN_LAYER_COUNTS[model]
+    from heft_core.models import model_info
+
+    return model_info(model).num_layers
+
+
+def paper_options(model: str = PAPER_MODEL, *, lora_targets: str = "code") -> dict[str, Any]:
+    """The paper's recipe as dotted run options, mapped to ``model``.
+
+    As the paper ran it (its appendix A.1): LoRA rank 8, alpha 32, dropout 0.05 on peft's default modules for
+    Llama (``lora_targets="code"``: q_proj, v_proj; its text says "the model's linear layers", which
+    ``lora_targets="text"`` reads as all-linear), lr 2e-4, batch 1 x accumulation 32, no warmup, linear decay,
+    weight decay 0, the causal-LM loss over the whole prompt-and-answer sequence; stage 2 on the merged stage-1
+    model; one rank-4 LoReFT on layer 15's output at the last prompt position, lr 2e-4, batch 8 x
+    accumulation 4, no warmup, linear; Llama-2's chat prompt with a system line, cue "Answer:", answer words
+    " Yes" / " No"; scored by greedy generation of at most 5 tokens (and by the two answer logits, on the same
+    questions); max length 2,048 (the paper pads to 2,048, so nothing is truncated). Precision ``auto``: bf16
+    where the GPU has it, as the paper's bf16 model. On a model other than Llama-2-7B the intervention layer
+    keeps the same relative depth (:func:`paper_reft_layer`).
+    """
+    if lora_targets not in PAPER_LORA_TARGETS:
+        raise ConfigError("lora_targets", f"must be one of {', '.join(PAPER_LORA_TARGETS)}, got {lora_targets!r}")
+    layers = _layer_count(model)
+    layer = PAPER_REFT_LAYER if layers == PAPER_MODEL_LAYERS else paper_reft_layer(layers)
+    stage = {"warmup_ratio": 0.0, "scheduler": "linear", "weight_decay": 0.0, "learning_rate": 2e-4}
+    return {
+        "lora.rank": 8,
+        "lora.alpha": 32.0,
+        "lora.dropout": 0.05,
+        "lora.target_modules": list(PAPER_LORA_TARGETS[lora_targets]),
+        "reft.rank": 4,
+        "reft.layers": [layer],
+        "reft.positions": "l1",
+        "reft.dropout": 0.0,  # pyreft's LoreftIntervention default, which the paper's script keeps
+        **{f"lora_stage.{key}": value for key, value in stage.items()},
+        "lora_stage.batch_size": 1,
+        "lora_stage.grad_accum": 32,
+        **{f"reft_stage.{key}": value for key, value in stage.items()},
+        "reft_stage.batch_size": 8,
+        "reft_stage.grad_accum": 4,
+        "lora_loss": "sequence",
+        "heft_stage2_mode": "merged",
+        "scoring": "both",
+        "generation_max_new_tokens": 5,
+        "template.format": "chat",
+        "template.system": PAPER_SYSTEM_PROMPT,
+        "template.before_passage": "Passage: ",
+        "template.after_passage_before_question": "\nQuestion: ",
+        "template.after_question": "?\nAnswer:",
+        "template.yes": " Yes",
+        "template.no": " No",
+        "max_length": 2048,
+        "precision": "auto",
+        "eval_every_epoch": False,  # the paper evaluates once, after training
+    }
+
+
+# The paper's recipe on its own model (the app's "Paper setting").
+PAPER_OPTIONS: dict[str, Any] = paper_options()
 
 
 def paper_table(
     *,
-    epochs: int = 3,
-    long_factor: float = 20 / 3,
+    rows: Sequence[tuple[int, int]] | None = None,
     seeds: Sequence[int] = (42, 43, 44),
-    model: str = EMBEDDED_MODEL,
+    model: str = PAPER_MODEL,
     data: str = "hub",
     train_size: int | None = None,
     eval_size: int | None = None,
+    lora_targets: str = "code",
     options: Mapping[str, Any] | None = None,
     name: str = "Paper table",
 ) -> StudySpec:
-    """The paper's table: base; LoRA and ReFT at E epochs and at round(E x 20/3) (the paper's 3 vs 20);
-    HEFT at every split of E (1+2 and 2+1 for E = 3); three seeds. Settings: :data:`PAPER_OPTIONS`
-    (the app's "Paper setting"), overridable through ``options``; full BoolQ by default."""
-    _check_int(epochs, "epochs", 2, 1000)
-    long_epochs = max(epochs + 1, round(epochs * long_factor))
-    arms = [
-        StudyArm("base"),
-        StudyArm("lora", lora_epochs=epochs),
-        StudyArm("lora", lora_epochs=long_epochs),
-        StudyArm("reft", reft_epochs=epochs),
-        StudyArm("reft", reft_epochs=long_epochs),
-        *_heft_splits(epochs),
-    ]
+    """The paper's Table 1 as the paper ran it: base, ReFT 0+20, LoRA 20+0, HEFT 3+3, HEFT 20+20 (LoRA epochs +
+    ReFT epochs), three seeds, full BoolQ from the hub, the recipe of :func:`paper_options` on
+    ``meta-llama/Llama-2-7b-chat-hf``.
+
+    LoRA adapts q_proj and v_proj, as the paper's code did (peft's default for Llama); its text says "the model's
+    linear layers": ``lora_targets="text"`` (the "Paper table, all linear layers" preset) is that reading.
+    ``rows`` replaces the trained rows by (LoRA epochs, ReFT epochs) pairs (``(0, n)`` ReFT, ``(n, 0)`` LoRA,
+    else HEFT), e.g. fewer epochs at CPU scale; the report's paper column matches rows by method and epochs.
+    Another ``model`` gets the intervention layer at the paper's relative depth (:func:`paper_reft_layer`).
+    """
+    pairs = [(r.lora_epochs, r.reft_epochs) for r in PAPER_TABLE_1] if rows is None else list(rows)
+    arms = [StudyArm("base")]
+    for first, second in pairs:
+        method = "heft" if first and second else "lora" if first else "reft"
+        arms.append(StudyArm(method, lora_epochs=first or None, reft_epochs=second or None))
+    recipe = paper_options(model, lora_targets=lora_targets)
+    reading = "q_proj and v_proj, as the paper's code" if lora_targets == "code" else (
+        "all linear layers, as the paper's text reads")
+    layer = recipe["reft.layers"][0]
+    mapped = "" if layer == PAPER_REFT_LAYER and model == PAPER_MODEL else (
+        f" On {model} the intervention is at layer {layer}, the paper's relative depth (15 of 32).")
     return StudySpec(
         name=name,
         arms=arms,
         seeds=list(seeds),
-        base=_shared(model, data, train_size, eval_size, {**PAPER_OPTIONS, **(options or {})}),
+        base=_shared(model, data, train_size, eval_size, {**recipe, **(options or {})}),
+        compare_with_paper=True,
         description=(
-            f"Base, LoRA and ReFT at {epochs} and {long_epochs} epochs, HEFT splits of {epochs} epochs, "
-            f"{len(seeds)} seeds."
+            "The paper's Table 1 (arXiv 2509.09801) with the paper's recipe: base, "
+            + ", ".join(f"{METHOD_TITLES[arm.method]} {arm.lora_epochs or 0}+{arm.reft_epochs or 0}"
+                        for arm in arms[1:])
+            + f" (LoRA + ReFT epochs); {len(seeds)} seed{'s' if len(seeds) != 1 else ''}. LoRA r 8, alpha 32 on "
+            f"{reading}; one rank-4 LoReFT at the last prompt position; lr 2e-4, effective batch 32; causal-LM "
+            "loss over the whole sequence; chat prompt; scored by generation (the paper's) and by logits."
+            + mapped
         ),
     )
+
+
+def paper_table_linear(**overrides: Any) -> StudySpec:
+    """:func:`paper_table` with LoRA on all linear layers: the paper's text's reading, not its code's."""
+    overrides.setdefault("name", "Paper table, all linear layers")
+    return paper_table(lora_targets="text", **overrides)
 
 
 def equal_budget(
@@ -706,7 +878,8 @@ def equal_budget(
     options: Mapping[str, Any] | None = None,
     name: str = "Equal budget",
 ) -> StudySpec:
-    """Every trained arm at the same total epochs: LoRA E, ReFT E and each HEFT split of E, with base."""
+    """Not the paper's table: a question of our own. Every trained arm at the same total epochs (LoRA E, ReFT E
+    and each HEFT split of E, with base), with the paper's recipe (:func:`paper_options`) mapped to ``model``."""
     _check_int(epochs, "epochs", 2, 1000)
     arms = [
         StudyArm("base"),
@@ -718,10 +891,12 @@ def equal_budget(
         name=name,
         arms=arms,
         seeds=list(seeds),
-        base=_shared(model, data, train_size, eval_size, {**PAPER_OPTIONS, **(options or {})}),
-        description=f"LoRA, ReFT and HEFT at the same budget of {epochs} epochs, {len(seeds)} seeds.",
+        base=_shared(model, data, train_size, eval_size, {**paper_options(model), **(options or {})}),
+        description=(
+            f"Not the paper's table: LoRA, ReFT and every HEFT split at the same budget of {epochs} epochs in total "
+            f"(does splitting a fixed budget between the stages help?), {len(seeds)} seeds, the paper's recipe."
+        ),
     )
-
 
 # Starting settings for the CPU preset; see cpu_learns_on_boolq.
 CPU_BOOLQ_OPTIONS: dict[str, Any] = {
@@ -770,13 +945,13 @@ def cpu_learns_on_boolq(
     whose NOTES.md has the screening,
     the earlier one-epoch runs that did not learn, and a projection of about 49 min on the 2-core
     AMD EPYC without AVX-512 of the earlier runs: over 45, not measured).
-    ``data`` defaults to the shared sample (``heft_core.data.local_boolq_dir()``), else the hub.
+    ``data`` defaults to the shared sample (the label ``boolq-local``, which ``heft_core.data`` resolves to
+    ``local_boolq_dir()`` wherever the study runs), else the hub.
     """
     if data is None:
-        from heft_core.data import local_boolq_dir
+        from heft_core.data import LOCAL_BOOLQ, local_boolq_dir
 
-        local = local_boolq_dir()
-        data = str(local) if local is not None else "hub"
+        data = LOCAL_BOOLQ if local_boolq_dir() is not None else "hub"
     arms = [StudyArm("base"), StudyArm("lora", lora_epochs=2), StudyArm("heft", lora_epochs=1, reft_epochs=1)]
     return StudySpec(
         name=name,
@@ -792,11 +967,13 @@ def cpu_learns_on_boolq(
 
 PRESETS: dict[str, Callable[..., StudySpec]] = {
     "paper-table": paper_table,
+    "paper-table-linear": paper_table_linear,
     "equal-budget": equal_budget,
     "cpu-boolq": cpu_learns_on_boolq,
 }
 PRESET_TITLES: dict[str, str] = {
     "paper-table": "Paper table",
+    "paper-table-linear": "Paper table, all linear layers",
     "equal-budget": "Equal budget",
     "cpu-boolq": "CPU: learns on BoolQ",
 }

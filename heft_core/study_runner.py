@@ -50,6 +50,7 @@ def load_study_dir(directory: str | Path) -> tuple[StudySpec, list[RunOutcome]]:
             outcomes.append(RunOutcome.from_run_dir(
                 directory / entry["run_dir"], **cell, status=entry["status"], wall_seconds=entry.get("wall_seconds"),
                 train_examples=entry.get("train_examples"), error=entry.get("error"),
+                shared_stage1_from=entry.get("stage1_from"), shared_stage1_seconds=entry.get("stage1_seconds"),
             ))
         else:
             outcomes.append(RunOutcome(**cell, status=entry["status"], error=entry.get("error")))
@@ -84,8 +85,13 @@ class _StepBar(TrainerCallback):
 
 
 def _same_settings(recorded: Mapping[str, Any], planned: RunConfig) -> bool:
+    from heft_core.data import LOCAL_BOOLQ, local_boolq_dir
+
     def learning(config: RunConfig) -> dict[str, Any]:
-        return {k: v for k, v in config.effective_dict().items() if k != "prefix_cache_mb"}
+        values = {k: v for k, v in config.effective_dict().items() if k != "prefix_cache_mb"}
+        if values.get("data") == LOCAL_BOOLQ:  # the label and the path it names here are the same data
+            values["data"] = str(local_boolq_dir())
+        return values
 
     try:
         return learning(RunConfig.from_dict(recorded)) == learning(planned)
@@ -93,7 +99,26 @@ def _same_settings(recorded: Mapping[str, Any], planned: RunConfig) -> bool:
         return False
 
 
-def _train_planned(run: PlannedRun, run_dir: Path, splits: Any, train_examples: int, progress: bool) -> RunOutcome:
+def start_from_shared_stage1(source_dir: Path, config: RunConfig, run_dir: Path) -> float | None:
+    """Put into ``run_dir`` a checkpoint at HEFT's stage boundary made of the LoRA run's final stage-1 epoch-end
+    checkpoint (its adapter, counters, history and evaluations), so that training resumes at stage 2 and never
+    trains stage 1 again. Stage 2 is seeded from the run's seed alone (``heft_core.train``), so it ends exactly as
+    it would after its own stage 1. Returns the shared stage's training seconds, or None when the LoRA run kept
+    no such checkpoint (the run then trains both stages)."""
+    from heft_core import checkpoint as ckpt
+
+    point = ckpt.load_stage_end_checkpoint(source_dir, "lora", config.lora_stage.epochs)
+    if point is None:
+        return None
+    point.config = config.to_dict()
+    ckpt.clear_checkpoints(run_dir)
+    ckpt.save_checkpoint(run_dir, point)
+    return point.train_seconds
+
+
+def _train_planned(
+    run: PlannedRun, run_dir: Path, splits: Any, train_examples: int, progress: bool, resume: bool = False
+) -> RunOutcome:
     """Train one planned run into ``run_dir``; a failure becomes a failed outcome with its error."""
     from heft_core.train import train
 
@@ -101,7 +126,7 @@ def _train_planned(run: PlannedRun, run_dir: Path, splits: Any, train_examples: 
     cell = {"arm": run.arm, "seed": run.seed, "grid_point": run.grid_point, "method": run.method}
     started = time.perf_counter()
     try:
-        result = train(run.config, run_dir, callbacks=[step_bar], data=splits)
+        result = train(run.config, run_dir, callbacks=[step_bar], data=splits, resume=resume)
     except Exception as exc:  # one failed run must not end the study; the report names it
         if isinstance(exc, HeftError):
             logger.error("%s failed: %s", run.config.name, exc)
@@ -175,10 +200,24 @@ def run_study_in_process(
                 if earlier.finished and _same_settings(earlier.config, run.config):
                     logger.info("%s: finished earlier in %s; not trained again", run.config.name, run_dir)
                     outcome = earlier
+                    before = previous.get(entry["run_dir"], {})
+                    entry.update({key: before[key] for key in ("stage1_from", "stage1_seconds") if before.get(key)})
             if outcome is None:
                 if bar is not None:
                     bar.set_postfix_str(f"{run.arm}, seed {run.seed}")
-                outcome = _train_planned(run, run_dir, splits, train_examples, progress)
+                shared = None
+                source = outcomes[run.stage1_from] if run.stage1_from is not None else None
+                if source is not None and source.finished:
+                    shared = start_from_shared_stage1(out / entries[run.stage1_from]["run_dir"], run.config, run_dir)
+                    if shared is not None:
+                        logger.info("%s: stage 1 is %s's finished LoRA; training stage 2 only", run.config.name,
+                                    source.arm)
+                outcome = _train_planned(run, run_dir, splits, train_examples, progress, resume=shared is not None)
+                if shared is not None:
+                    entry.update(stage1_from=entries[run.stage1_from]["run_dir"], stage1_seconds=shared)
+            if entry.get("stage1_from"):
+                outcome.shared_stage1_from = entry["stage1_from"]
+                outcome.shared_stage1_seconds = entry["stage1_seconds"]
             entry.update(status=outcome.status, error=outcome.error, wall_seconds=outcome.wall_seconds)
             outcomes.append(outcome)
             _write_index(out, spec, entries)

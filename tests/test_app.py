@@ -55,10 +55,11 @@ def test_paper_preset_is_the_papers_recipe():
     template = config.template
     assert (template.format, template.yes, template.no) == ("chat", " Yes", " No")
     assert template.after_question == "?\nAnswer:"
-    assert template.system and config.heft_stage2_mode == "merged" and config.precision == "bf16"
+    assert template.system and config.heft_stage2_mode == "merged" and config.precision == "auto"
     [variant] = forms.form_to_configs(forms.preset_form(forms.PRESET_PAPER_ALL_LINEAR))
     assert variant.lora.target_modules == ["all-linear"]
     assert RunConfig.from_dict({**variant.to_dict(), "lora": config.lora.__dict__}) == config
+    assert "no hyperparameters" not in forms.PRESET_NOTES[forms.PRESET_PAPER]
 
 
 def test_lora_stage_batch_fields_override_the_shared_ones_only_when_set():

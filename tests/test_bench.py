@@ -216,31 +216,35 @@ def test_throughput_notes_emulated_bf16():
 
 
 def test_reproduce_is_the_paper_table_preset_with_the_flags_settings():
-    spec = reproduce.build_spec(reproduce.parse_args(["--data", "synthetic", "--epochs", "3", "--seeds", "1,2"]))
-    assert spec.to_dict() == paper_table(epochs=3, seeds=[1, 2], data="synthetic", name="Paper table, E=3").to_dict()
+    spec = reproduce.build_spec(reproduce.parse_args(["--data", "synthetic", "--seeds", "1,2"]))
+    assert spec.to_dict() == paper_table(seeds=[1, 2], model="embedded", data="synthetic").to_dict()
+    assert [arm.name for arm in spec.arms] == ["Base", "ReFT 20", "LoRA 20", "HEFT 3+3", "HEFT 20+20"]
     spec = reproduce.build_spec(reproduce.parse_args([
-        "--data", "synthetic", "--epochs", "2", "--no-long", "--heft-splits", "1+1,1+2", "--lora-lr", "0.003",
-        "--batch-size", "4", "--lora-targets", "all-linear", "--seeds", "7",
+        "--data", "synthetic", "--rows", "0+2,2+0,1+1,1+2", "--lora-lr", "0.003",
+        "--batch-size", "4", "--lora-reading", "text", "--seeds", "7",
     ]))
-    assert [arm.name for arm in spec.arms] == ["Base", "LoRA 2", "ReFT 2", "HEFT 1+1", "HEFT 1+2"]
+    assert [arm.name for arm in spec.arms] == ["Base", "ReFT 2", "LoRA 2", "HEFT 1+1", "HEFT 1+2"]
     config = next(run.config for run in spec.plan() if run.method == "heft")
     assert config.lora_stage.learning_rate == 0.003 and config.lora.target_modules == ["all-linear"]
     assert config.lora_stage.batch_size == config.reft_stage.batch_size == 4 and config.seed == 7
     assert config.reft_stage.learning_rate == paper_table().base["reft_stage.learning_rate"]  # not given: the preset's
+    assert config.reft.layers == [14]  # the embedded model's 30 layers: the paper's layer 15 of 32, same depth
     with pytest.raises(SystemExit):
-        reproduce.parse_args(["--heft-splits", "3"])
+        reproduce.parse_args(["--rows", "3"])
 
 
 def test_reproduce_trains_the_study_and_writes_its_report(tiny_model, tmp_path):
     from heft_core.study_runner import load_study_dir
 
     out = tmp_path / "out"
-    args = ["--model", tiny_model, "--data", "synthetic", "--train-size", "16", "--eval-size", "16", "--epochs", "2",
-            "--no-long", "--seeds", "42", "--max-length", "64", "--batch-size", "8", "--lora-rank", "2",
-            "--reft-layers", "1,2", "--reft-positions", "l1", "--out", str(out), "--no-progress"]
+    args = ["--model", tiny_model, "--data", "synthetic", "--train-size", "16", "--eval-size", "16",
+            "--rows", "0+1,1+0,1+1", "--seeds", "42", "--max-length", "64", "--batch-size", "8", "--grad-accum", "1",
+            "--lora-rank", "2", "--reft-layers", "1,2", "--reft-positions", "l1", "--out", str(out), "--no-progress",
+            # the tiny word-level tokenizer has no chat template and no capitalised answer words
+            "--set", "template.format=plain", "--set", "template.yes=' yes'", "--set", "template.no=' no'"]
     report = reproduce.main(args)
     assert report.finished_runs == report.planned_runs == 4 and not report.missing
-    assert [arm.arm for arm in report.arms] == ["Base", "LoRA 2", "ReFT 2", "HEFT 1+1"]
+    assert [arm.arm for arm in report.arms] == ["Base", "ReFT 1", "LoRA 1", "HEFT 1+1"]
     assert (out / "results.md").read_text() == report.to_markdown()
     assert json.loads((out / "results.json").read_text())["finished_runs"] == 4
     spec, outcomes = load_study_dir(out)  # what `python -m heft_core study-report` reads

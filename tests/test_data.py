@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -17,6 +18,8 @@ from heft_core.data import (
     DataError,
     DatasetSplits,
     Example,
+    data_fingerprint,
+    data_label,
     eval_signature,
     load_data,
     local_boolq_dir,
@@ -165,7 +168,8 @@ def test_load_local_directory_every_format_and_schema(tmp_path: Path, extension:
     assert splits.validation[1].passage.startswith("Lantern 1 -- ")
     assert splits.train[3].uid.startswith("train-3-") and splits.validation[0].uid.startswith("validation-0-")
     assert not splits.is_synthetic
-    assert splits.label == f"BoolQ-format local: {directory.resolve()}"
+    assert splits.label == f"BoolQ-format local: {directory.name} (sha256 {data_fingerprint(str(directory))[:12]}…)"
+    assert str(tmp_path) not in splits.label  # no path of this machine
 
 
 @pytest.mark.parametrize(
@@ -474,3 +478,24 @@ def test_local_boolq_sample_loads() -> None:
     assert (len(splits.train), len(splits.validation)) == (1500, 500)
     assert all(" -- " in e.passage for e in splits.validation)
     assert not {e.uid for e in splits.train} & {e.uid for e in splits.validation}
+
+
+def test_local_data_is_named_by_a_label_and_a_content_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = _split_dir(tmp_path, "jsonl")
+    copy = tmp_path / "elsewhere" / first.name
+    shutil.copytree(first, copy)
+    assert data_fingerprint(str(first)) == data_fingerprint(str(copy))  # same files, another path: same hash
+    assert data_label(str(copy)) == f"{first.name} (sha256 {data_fingerprint(str(first))[:12]}…)"
+    (copy / "validation.jsonl").write_text((copy / "validation.jsonl").read_text().replace("Lantern 1", "Lantern 9"))
+    assert data_fingerprint(str(copy)) != data_fingerprint(str(first))
+    assert data_fingerprint("synthetic") is None and data_label("hub") == "hub:google/boolq"
+    monkeypatch.setenv("HEFT_BOOLQ_DIR", str(first))
+    assert data_label(str(first)).startswith("boolq-local (sha256 ")  # the local BoolQ directory by its label
+    by_label = load_data("boolq-local")
+    assert by_label.train == load_data(str(first)).train and str(tmp_path) not in by_label.label
+    validate_source("boolq-local")
+    assert data.portable_data_name(str(copy), f"BoolQ-format local: {copy}") == data_label(str(copy))  # old label
+    assert data.portable_data_name(str(copy), by_label.label) == by_label.label.removeprefix("BoolQ-format local: ")
+    assert data.portable_data_name("synthetic") == "synthetic" and data.portable_data_name("boolq-local") == (
+        "boolq-local")
+

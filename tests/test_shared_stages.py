@@ -1,0 +1,66 @@
+"""Work done once is not done twice: a HEFT arm whose stage 1 equals a LoRA arm's run trains stage 2 on it."""
+from __future__ import annotations
+
+import json
+
+from safetensors.torch import load_file
+
+from heft_core.study import StudySpec
+from heft_core.study_runner import load_study_dir, run_study_in_process
+
+
+def _predictions(run_dir):
+    return [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+
+
+def _tensors(run_dir):
+    return {name: tensor for file in sorted(run_dir.glob("*.safetensors")) for name, tensor in load_file(file).items()}
+
+
+def test_heft_trains_stage_2_on_the_lora_arms_run_and_ends_as_with_its_own_stage_1(
+    tiny_model, easy_data, tmp_path, monkeypatch
+) -> None:
+    from heft_core import train as train_lib
+
+    spec = StudySpec.from_dict({
+        "name": "shared", "seeds": [3],
+        "arms": [{"method": "lora", "lora_epochs": 1}, {"method": "heft", "lora_epochs": 1, "reft_epochs": 1},
+                 {"method": "heft", "lora_epochs": 2, "reft_epochs": 1}],  # another schedule: not shared
+        "base": {
+            "model": tiny_model, "data": "test:easy", "train_size": 16, "eval_size": 16, "max_length": 48,
+            "precision": "no", "reft.layers": [1, 2], "reft.positions": "l1",
+            "lora_stage.learning_rate": 3e-3, "reft_stage.learning_rate": 3e-3,
+        },
+    })
+    plan = spec.plan()
+    assert [run.stage1_from for run in plan] == [None, 0, None] and plan[0].config.keep_epoch_checkpoints
+    stages: list[tuple[str, str]] = []
+    original = train_lib._Trainer.run_stage
+
+    def counting(self, stage, model, settings):
+        stages.append((self.config.name, stage))
+        return original(self, stage, model, settings)
+
+    monkeypatch.setattr(train_lib._Trainer, "run_stage", counting)
+    out = tmp_path / "study"
+    report = run_study_in_process(spec, out, progress=False, data=easy_data, resamples=100)
+    names = [run.config.name for run in plan]
+    assert stages == [(names[0], "lora"), (names[1], "reft"), (names[2], "lora"), (names[2], "reft")]
+
+    alone = tmp_path / "alone"  # the same HEFT run with its own stage 1
+    train_lib.train(plan[1].config, alone, data=easy_data)
+    shared = out / "runs" / plan[1].dir_name
+    assert _predictions(shared) == _predictions(alone)
+    mine, theirs = _tensors(shared), _tensors(alone)
+    assert mine.keys() == theirs.keys() and mine
+    assert all((mine[name] == theirs[name]).all() for name in mine)
+
+    row = next(r for r in report.runs if r.arm == "HEFT 1+1")
+    assert row.stage1_from == plan[0].dir_name and row.train_seconds_as_run < row.train_seconds
+    assert "## Shared stages" in report.to_markdown()
+    _, outcomes = load_study_dir(out)  # the sharing is recorded with the study
+    assert outcomes[1].shared_stage1_from == f"runs/{plan[0].dir_name}"
+    trained = len(stages)  # the run alone above trained both of its stages: 6
+    again = run_study_in_process(spec, out, progress=False, data=easy_data, resamples=100, resume=True)
+    assert len(stages) == trained == 6  # resumed: nothing trained again
+    assert next(r for r in again.runs if r.arm == "HEFT 1+1").stage1_from == plan[0].dir_name
