@@ -33,6 +33,7 @@ class EvalEvent:
     low: float
     high: float
     n: int
+    yes_share: float | None = None  # share of "yes" predictions (None in evaluations recorded before it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
