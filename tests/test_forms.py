@@ -21,6 +21,9 @@ DISTINCT = {
     "max_length": (96, 96), "train_size": (50, 50), "eval_size": (20, 20), "seed": (9, 9),
     "heft_stage2_mode": ("merged", "merged"), "precision": ("no", "no"),
     "checkpoint_minutes": (2.5, 2.5), "keep_epoch_checkpoints": (True, True), "processes": (2, 2),
+    "report.report_to": (["tensorboard", "mlflow"], ["tensorboard", "mlflow"]), "report.project": ("mine", "mine"),
+    "report.trackio_space_id": ("me/space", "me/space"), "report.tensorboard_dir": ("/tmp/tb", "/tmp/tb"),
+    "report.wandb_mode": ("offline", "offline"), "report.mlflow_tracking_uri": ("file:/tmp/ml", "file:/tmp/ml"),
 }
 
 

@@ -252,3 +252,67 @@ def test_a_bad_tracker_name_is_refused_naming_the_option():
     with pytest.raises(ConfigError) as info:
         ReportSettings(wandb_mode="sometimes")
     assert info.value.option == "report.wandb_mode"
+
+
+def test_the_form_refuses_a_bad_tracker_naming_the_option():
+    from app import forms
+
+    form = dict(forms.default_form(), **{"report.report_to": ["tensorboard", "neptune"]})
+    with pytest.raises(ConfigError) as info:
+        forms.form_to_configs(form)
+    assert info.value.option == "report.report_to"
+    assert "report.report_to" in forms.field_errors(form)["report.report_to"]
+    [config] = forms.form_to_configs(dict(forms.default_form(), **{"report.report_to": ["trackio", "wandb"]}))
+    assert config.report.report_to == ["trackio", "wandb"]
+
+
+def test_the_run_view_keeps_a_tracker_warning_in_sight(tmp_path):
+    from types import SimpleNamespace
+
+    from app import service
+    from app.logs import LOG_FILE
+
+    (tmp_path / LOG_FILE).write_text("\n".join(f"step {i}" for i in range(100)))
+    warning = "tracker mlflow is off for this run (MlflowException: bad URI); the run trains on without it"
+    (tmp_path / TRACKERS_FILE).write_text(json.dumps({"mlflow": {"status": "off", "warning": warning}}))
+    shown = service.run_log(SimpleNamespace(artifact_dir=str(tmp_path), status="running"))
+    assert shown.splitlines()[0] == warning and shown.splitlines()[-1] == "step 99"
+
+
+def test_a_resumed_run_continues_the_same_tracker_runs(tiny_model, easy_data, tracker_homes):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from heft_core.callbacks import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def __init__(self, step: int):
+            self.step, self.at = 0, step
+
+        def on_step(self, event):
+            self.step = event.step
+
+        def should_stop(self):
+            return self.step == self.at
+
+    mlflow_uri = (tracker_homes / "mlruns").as_uri()
+    report = ReportSettings(report_to=["tensorboard", "wandb", "mlflow"], wandb_mode="offline",
+                            mlflow_tracking_uri=mlflow_uri)
+    config = quick_config(tiny_model, "lora", report=report)
+    run_dir = tracker_homes / "run"
+    assert train(config, run_dir, data=easy_data, callbacks=[StopAt(3)]).status == "cancelled"
+    first = read_trackers_file(run_dir)
+    assert MlflowClient(tracking_uri=mlflow_uri).get_run(first["mlflow"]["id"]).info.status == "KILLED"
+    assert train(config, run_dir, data=easy_data, resume=True).status == "completed"
+    again = read_trackers_file(run_dir)
+    assert (again["wandb"]["id"], again["mlflow"]["id"]) == (first["wandb"]["id"], first["mlflow"]["id"])
+    assert {entry["status"] for entry in [*first.values(), *again.values()]} == {"closed"}
+    steps, _, _ = _registry(run_dir)
+    events = EventAccumulator(again["tensorboard"]["log_dir"])
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (s["step"], pytest.approx(s["loss"], rel=1e-6)) for s in steps]
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    assert client.get_run(again["mlflow"]["id"]).info.status == "FINISHED"
+    assert {m.step for m in client.get_metric_history(again["mlflow"]["id"], "train/loss")} == {
+        s["step"] for s in steps}
