@@ -193,6 +193,12 @@ CONFIG_FIELDS: dict[str, Parser] = {
     "checkpoint_minutes": number,
     "keep_epoch_checkpoints": flag,
     "processes": whole,
+    "report.report_to": modules,
+    "report.project": text("heft-studio"),
+    "report.trackio_space_id": text(""),
+    "report.tensorboard_dir": text(""),
+    "report.wandb_mode": text("online"),
+    "report.mlflow_tracking_uri": text(""),
 }
 # The form's own fields: read by form_to_configs itself.
 FORM_ONLY_FIELDS = ("model", "data_kind", "data_local", "method", "include_base", "name")

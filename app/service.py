@@ -43,6 +43,7 @@ from heft_common.vocabulary import (
     RunStatus,
 )
 from heft_core.config import RunConfig
+from heft_core.trackers import read_trackers_file
 from storage import queries
 from storage.models import Run
 
@@ -221,7 +222,10 @@ def run_log(run: Run) -> str:
     finished = run.status not in ACTIVE_STATUSES
     if not text and finished and log_path.parent.is_dir() and not log_path.exists():
         return present.LOG_OUTSIDE_WORKER.format(log=LOG_FILE)
-    return text
+    # A tracker that turned itself off says so once, early in the log: keep it in view above the tail.
+    warnings = [entry["warning"] for entry in read_trackers_file(run.artifact_dir).values()
+                if isinstance(entry, dict) and entry.get("warning") and entry["warning"] not in text]
+    return "\n".join([*warnings, text]) if warnings else text
 
 
 # ---------------------------------------------------------------------- the live view of one run

@@ -39,6 +39,7 @@ class EvalEvent:
     generation_low: float | None = None
     generation_high: float | None = None
     unparsed: int | None = None  # generations that named neither answer word (counted wrong)
+    yes_share: float | None = None  # share of "yes" predictions (None in evaluations recorded before it)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

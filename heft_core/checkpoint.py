@@ -53,7 +53,7 @@ RUN_CONFIG_FILE = "run_config.json"
 FORMAT_VERSION = 1
 
 # Options that change how often or what is kept, never the result: they may differ on resume.
-RESUME_FREE_OPTIONS = frozenset({"name", "checkpoint_minutes", "keep_epoch_checkpoints"})
+RESUME_FREE_OPTIONS = frozenset({"name", "checkpoint_minutes", "keep_epoch_checkpoints", "report"})
 
 _STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 

@@ -66,6 +66,8 @@ _TRAIN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--checkpoint-minutes", "checkpoint_minutes", float,
      "minutes between checkpoints inside an epoch (default 10; 0: only at epoch ends)"),
     ("--name", "name", str, "a name for the run"),
+    ("--report-to", "report.report_to", str,
+     "trackers to report to, comma-separated: trackio, tensorboard, wandb, mlflow (report.* options via --set)"),
 ]
 
 

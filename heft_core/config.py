@@ -40,6 +40,9 @@ def primary_scoring(scoring: str) -> str:
     return "generation" if scoring == "generation" else "logits"
 
 MAX_PROCESSES = 64  # data-parallel processes of one run, on one machine
+# Experiment trackers a run can report to (heft_core.trackers), and W&B's modes.
+TRACKERS = ("trackio", "tensorboard", "wandb", "mlflow")
+WANDB_MODES = ("online", "offline", "disabled")
 
 _POSITIONS_RE = re.compile(r"^(?:f(\d+))?(?:\+)?(?:l(\d+))?$")
 
@@ -235,6 +238,43 @@ class StageSettings:
         )
 
 
+@dataclass
+class ReportSettings:
+    """Where a run is reported besides the registry (``heft_core.trackers``). Never changes what a run learns.
+
+    Locations left empty take the tracker's own default: Trackio logs locally, TensorBoard into the run
+    directory's ``tensorboard/``, W&B to ``project``, MLflow to ``MLFLOW_TRACKING_URI`` or a file store in
+    the data home. Credentials come from each tracker's environment variables or login, never from here.
+    """
+
+    report_to: list[str] = field(default_factory=list)  # a subset of TRACKERS; empty: none
+    project: str = "heft-studio"  # Trackio project, W&B project, MLflow experiment
+    trackio_space_id: str = ""  # a Hugging Face Space ("user/space"); empty: local
+    tensorboard_dir: str = ""  # empty: <run dir>/tensorboard
+    wandb_mode: str = "online"  # online, offline or disabled
+    mlflow_tracking_uri: str = ""
+    group: str = ""  # a study sets it: runs of one study are one group
+    tags: dict[str, str] = field(default_factory=dict)  # a study sets study, arm, seed and grid point
+
+    def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # "trackio,tensorboard" from the CLI or a text box
+            self.report_to = [name.strip().lower() for name in self.report_to.split(",") if name.strip()]
+        _require(isinstance(self.report_to, (list, tuple)), "report.report_to",
+                 f"must be a list of trackers ({', '.join(TRACKERS)}), got {self.report_to!r}")
+        for name in self.report_to:
+            _require_choice(name, "report.report_to", TRACKERS)
+        self.report_to = list(dict.fromkeys(self.report_to))
+        for option in ("project", "trackio_space_id", "tensorboard_dir", "mlflow_tracking_uri", "group"):
+            _require_str(getattr(self, option), f"report.{option}")
+        _require(bool(self.project.strip()), "report.project", "name the tracker project (e.g. heft-studio)")
+        _require_choice(self.wandb_mode, "report.wandb_mode", WANDB_MODES)
+        tags = self.tags
+        texts = isinstance(tags, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items())
+        _require(
+            texts, "report.tags", f"must be a mapping of text to text, got {self.tags!r}",
+        )
+
+
 def _default_lora_stage() -> StageSettings:
     return StageSettings(epochs=1, learning_rate=2e-4)
 
@@ -277,11 +317,13 @@ class RunConfig:
     checkpoint_minutes: float = 10.0
     keep_epoch_checkpoints: bool = False  # keep every epoch's checkpoint, not only the latest
     name: str = ""
+    report: ReportSettings = field(default_factory=ReportSettings)  # trackers; not a learning setting
 
     def __post_init__(self) -> None:
         # Types first: a JSON config may hold anything (a number for a section, a string for a flag).
         for option, kind in (("lora", LoraSettings), ("reft", ReftSettings), ("lora_stage", StageSettings),
-                             ("reft_stage", StageSettings), ("template", PromptTemplate)):
+                             ("reft_stage", StageSettings), ("template", PromptTemplate),
+                             ("report", ReportSettings)):
             value = getattr(self, option)
             _require(isinstance(value, kind), option, f"must be an object of {option} options, got {value!r}")
         for part in dataclasses.fields(PromptTemplate):
@@ -394,9 +436,10 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def effective_dict(self) -> dict[str, Any]:
-        """``to_dict`` without what this method does not use (LoRA settings in a ReFT run, ...)."""
+        """``to_dict`` without what this method does not use (LoRA settings in a ReFT run, ...) and without
+        ``report``: where a run is reported never changes what it learns."""
         data = self.to_dict()
-        unused = []
+        unused = ["report"]
         if not self.uses_lora:
             unused += ["lora", "lora_stage", "lora_loss"]
         if not self.uses_reft:
@@ -416,7 +459,7 @@ class RunConfig:
             raise ConfigError(unknown[0], f"unknown option; known options are {', '.join(sorted(known))}")
         nested = {
             "lora": LoraSettings, "reft": ReftSettings, "lora_stage": StageSettings, "reft_stage": StageSettings,
-            "template": PromptTemplate,
+            "template": PromptTemplate, "report": ReportSettings,
         }
         for key, kind in nested.items():
             if key in data and isinstance(data[key], dict):

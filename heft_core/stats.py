@@ -260,22 +260,22 @@ def majority_baseline(labels: Mapping[str, int | bool]) -> MajorityBaseline:
     return MajorityBaseline(answer=answer, correct=yes if answer else n - yes, n=n)
 
 
-def yes_share(predicted: Sequence[int | bool]) -> float:
-    """Share of predictions that are "yes" (0.0 for none)."""
-    return sum(1 for value in predicted if int(value) == 1) / len(predicted) if predicted else 0.0
+def yes_share(predicted: Sequence[int | bool | None]) -> float:
+    """Share of predictions that are "yes" (0.0 for none); an unparsed answer (None) is neither class."""
+    return sum(1 for value in predicted if value is not None and int(value) == 1) / len(predicted) if predicted else 0.0
 
 
-def one_class(predicted: Sequence[int | bool], threshold: float = ONE_CLASS_SHARE) -> str | None:
+def one_class(predicted: Sequence[int | bool | None], threshold: float = ONE_CLASS_SHARE) -> str | None:
     """"yes" or "no" when at least ``threshold`` of the predictions are that class, else None.
 
     Such a run has learnt (or kept) an answer prior, not the task, whatever its accuracy.
     """
     if not predicted:
         return None
-    share = yes_share(predicted)
-    if share >= threshold:
+    if yes_share(predicted) >= threshold:
         return "yes"
-    if 1.0 - share >= threshold:
+    no_share = sum(1 for value in predicted if value is not None and int(value) == 0) / len(predicted)
+    if no_share >= threshold:
         return "no"
     return None
 

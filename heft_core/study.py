@@ -53,6 +53,8 @@ STUDY_CONTROLLED = {
     "lora_stage.epochs": "an arm's lora_epochs set it",
     "reft_stage.epochs": "an arm's reft_epochs set it",
     "name": "runs are named after the study, arm, seed and grid point",
+    "report.group": "trackers group a study's runs under the study's name",
+    "report.tags": "trackers tag each run with its study, arm, seed and grid point",
 }
 # Options every run must share so that all runs are paired on the same questions: ``base`` only.
 SHARED_ONLY = {
@@ -484,6 +486,11 @@ class StudySpec:
 
     def _config(self, arm: StudyArm, point: Mapping[str, Any], seed: int) -> RunConfig:
         flat = {**self.base, **arm.run_options(), **point, "seed": seed, "name": self.run_name(arm, seed, point)}
+        # Trackers group the study's runs and tag each with its cell (heft_core.trackers).
+        tags = {"study": self.name, "arm": arm.name, "seed": str(seed)}
+        if point:
+            tags["grid_point"] = grid_label(point)
+        flat.update({"report.group": self.name, "report.tags": tags})
         # the arm's method decides; options of the other method stay as given (unused)
         return _config_from_flat(flat)
 

@@ -88,7 +88,7 @@ def _same_settings(recorded: Mapping[str, Any], planned: RunConfig) -> bool:
     from heft_core.data import LOCAL_BOOLQ, local_boolq_dir
 
     def learning(config: RunConfig) -> dict[str, Any]:
-        values = {k: v for k, v in config.effective_dict().items() if k != "prefix_cache_mb"}
+        values = {k: v for k, v in config.effective_dict().items() if k != "prefix_cache_mb"}  # no "report" either
         if values.get("data") == LOCAL_BOOLQ:  # the label and the path it names here are the same data
             values["data"] = str(local_boolq_dir())
         return values

@@ -53,6 +53,7 @@ from heft_core.hardware import resolve_precision
 from heft_core.models import ModelInfo, load_model, load_tokenizer, model_info, needs_conversion
 from heft_core.prefix_cache import PrefixStateCache, resolve_budget
 from heft_core.prompt import EncodedExample, PromptEncoder
+from heft_core.stats import yes_share
 
 logger = logging.getLogger(__name__)
 
@@ -276,6 +277,7 @@ class _Trainer:
         event = EvalEvent(
             stage, epoch, self.cumulative_epoch, acc.accuracy, acc.low, acc.high, acc.n,
             scoring=predictions[0].scoring if predictions else "logits",
+            yes_share=yes_share([p.predicted for p in predictions]),
         )
         generation = accuracies_of(predictions).get("generation")
         if generation is not None:
@@ -430,7 +432,27 @@ def train(
 
     ``resume=True`` continues from the run directory's latest checkpoint when there is one (same config,
     precision, device type and process count, else ``ConfigError``); ``resume=False`` starts over.
+    ``config.report.report_to`` reports the run to trackers too (``heft_core.trackers``); they never fail it.
     """
+    if not config.report.report_to:
+        return _train(config, output_dir, callbacks, data, resume)
+    from heft_core.trackers import TrackerReporter
+
+    listeners = CallbackList(callbacks)  # a tracker's warning goes where the run's log lines go
+    reporter = TrackerReporter(config, output_dir, resume, say=listeners.on_log if listeners.callbacks else None)
+    try:
+        result = _train(config, output_dir, [*listeners.callbacks, reporter], data, resume)
+    except BaseException:
+        reporter.finish(status="failed")
+        raise
+    reporter.finish(result)
+    return result
+
+
+def _train(
+    config: RunConfig, output_dir: str | Path, callbacks: Sequence[TrainerCallback] | None,
+    data: data_lib.DatasetSplits | None, resume: bool,
+) -> RunResult:
     output_dir = Path(output_dir)
     mixed_precision, dtype = resolve_precision(config.precision)
     accelerator = _accelerator(mixed_precision)

@@ -27,6 +27,9 @@ DISTINCT = {
     "template.format": ("chat", "chat"), "template.system": ("Be brief.", "Be brief."),
     "template.after_question": ("?\nAnswer:", "?\nAnswer:"), "template.yes": (" Yes", " Yes"),
     "template.no": (" No", " No"),
+    "report.report_to": (["tensorboard", "mlflow"], ["tensorboard", "mlflow"]), "report.project": ("mine", "mine"),
+    "report.trackio_space_id": ("me/space", "me/space"), "report.tensorboard_dir": ("/tmp/tb", "/tmp/tb"),
+    "report.wandb_mode": ("offline", "offline"), "report.mlflow_tracking_uri": ("file:/tmp/ml", "file:/tmp/ml"),
 }
 
 

@@ -15,7 +15,7 @@ from app.ui.manager import Manager
 from app.ui.runs import TABLE_SECONDS
 from heft_common.errors import HeftError
 from heft_common.home import data_home
-from heft_core.config import LORA_LOSSES, PRECISIONS, SCHEDULERS, SCORINGS, STAGE2_MODES
+from heft_core.config import LORA_LOSSES, PRECISIONS, SCHEDULERS, SCORINGS, STAGE2_MODES, TRACKERS, WANDB_MODES
 from heft_core.prompt import PROMPT_FORMATS
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def layout(ui: Manager) -> None:
                 _lora_options(ui, field)
                 _reft_options(ui, field, form0)
                 _training_options(ui, field, form0)
+                _report_options(field)
             with gr.Column(scale=2, elem_classes="heft-side"):
                 gr.Markdown("### Before you launch")
                 ui.add("train.estimate", gr.Markdown("", elem_id="heft-estimate"))
@@ -202,6 +203,23 @@ def _training_options(ui: Manager, field: Any, form0: dict[str, Any]) -> None:
             field("template.no", gr.Textbox, label="no word")
         ui.add("train.training_msg", gr.Markdown("", elem_classes="heft-note heft-pad heft-msg",
                                                  elem_id="heft-training-msg"))
+
+
+def _report_options(field: Any) -> None:
+    """Trackers the run reports to (heft_core.trackers); credentials come from their own login, never from here."""
+    with gr.Group():
+        gr.Markdown("**Report to** experiment trackers (besides this app's registry; logins and API keys come from "
+                    "each tracker's own environment variables or login, never from this form)", elem_classes="heft-pad")
+        with gr.Row():
+            field("report.report_to", gr.Dropdown, list(TRACKERS), multiselect=True, label="report to", scale=2)
+            field("report.project", gr.Textbox, label="project / experiment")
+            field("report.wandb_mode", gr.Dropdown, list(WANDB_MODES), label="W&B mode")
+        with gr.Row():
+            field("report.trackio_space_id", gr.Textbox, label="Trackio Space (empty = local)",
+                  placeholder="user/space")
+            field("report.tensorboard_dir", gr.Textbox, label="TensorBoard log dir (empty = the run's directory)")
+            field("report.mlflow_tracking_uri", gr.Textbox, label="MLflow tracking URI",
+                  placeholder="empty = MLFLOW_TRACKING_URI or a file store in the data home")
 
 
 def _upload_path(file_value: Any) -> str | None:

@@ -122,7 +122,7 @@ def _run_row(
     if not outcome.finished:
         return row
     correct = {p["uid"]: bool(p["correct"]) for p in outcome.predictions}
-    predicted = [int(p["predicted"]) for p in outcome.predictions]
+    predicted = [None if p["predicted"] is None else int(p["predicted"]) for p in outcome.predictions]
     accuracy = stats.accuracy_result(sum(correct.values()), len(correct))
     row.accuracy, row.correct, row.n, row.low, row.high = (
         accuracy.accuracy, accuracy.correct, accuracy.n, accuracy.low, accuracy.high
