@@ -18,6 +18,7 @@ No Gradio, no torch: ``storage`` rows and calibration records in, numbers and sh
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -113,6 +114,10 @@ def rates_from_calibration(calibration: Any) -> Rates:
                          for kind, rate in calibration.train_tokens_per_second.items())
     basis = (f"from this machine's calibration of the model (training tokens/s: {measured}; evaluation "
              f"{calibration.eval_tokens_per_second:.0f} tokens/s; {calibration.load_seconds:.0f} s to load)")
+    cores = os.cpu_count() or 1
+    if getattr(calibration, "load_average", 0.0) > 1.5 * cores:  # the rates are this machine's under that load
+        basis += (f"; measured while other work loaded the machine (load average {calibration.load_average:.0f} on "
+                  f"{cores} cores): the estimate is too long by as much")
     return Rates(dict(calibration.train_tokens_per_second), calibration.eval_tokens_per_second,
                  calibration.load_seconds, basis, SPREAD_CALIBRATED)
 

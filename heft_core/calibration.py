@@ -65,6 +65,7 @@ class Calibration:
     load_seconds: float
     parameters: int  # the model's matmul weights (estimates.matmul_parameters): to scale to other models
     seconds: float = 0.0  # how long the calibration took
+    load_average: float = 0.0  # the 1-minute load average when it ended: other work slows the rates it measured
     measured_at: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, Any]:
@@ -343,6 +344,7 @@ def _measure(config: Any, kinds: tuple[str, ...], steps: int, eval_batches: int)
         machine=machine_key(), model=model_key(config.model), shapes=shapes_key(config),
         train_tokens_per_second=rates, eval_tokens_per_second=eval_tokens / eval_seconds if eval_seconds else 0.0,
         load_seconds=load_seconds, parameters=parameters, seconds=time.perf_counter() - began,
+        load_average=os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
     )
 
 
