@@ -709,10 +709,9 @@ def _time_line(config: RunConfig, n_train: int | None, counts: tuple[int, int] |
     if not n_train or not n_eval:
         return ""
     speed = timing.speed_for(speeds, config.method)
-    if speed is None and timing.model_key(config.model) != EMBEDDED_MODEL:
-        return (f"{METHOD_TITLES[config.method]}: no time estimate yet for {escape(model_label(config.model))}: no "
-                "finished run of this model and method on this machine.")
-    estimate = timing.estimate_seconds(config, n_train, n_eval, speed, any_measured=bool(speeds))
-    return (f"**{METHOD_TITLES[config.method]}: ~{format_duration(estimate.total)}** (loading "
+    rates = timing.rates_for(config)  # this machine's calibration of the model, else its size
+    estimate = timing.estimate_seconds(config, n_train, n_eval, speed, any_measured=bool(speeds),
+                                       tokens=timing.real_tokens(config), rates=rates)
+    return (f"**{METHOD_TITLES[config.method]}: {timing.format_range(estimate.low, estimate.high)}** (loading "
             f"~{format_duration(estimate.load)}, training ~{format_duration(estimate.train)}, evaluation "
             f"~{format_duration(estimate.evaluation)}) — {escape(estimate.basis)}.")

@@ -64,31 +64,67 @@ def _training_rows(spec: StudySpec) -> tuple[int | None, int | None]:
     return train, evaluate
 
 
-def plan_summary(spec: StudySpec, speeds: Mapping[str, timing.Speed] | None = None) -> dict[str, Any]:
+def plan_tokens(spec: StudySpec) -> Any:
+    """The real token counts of the spec's rows (``app.timing.real_tokens``), or None."""
+    return timing.real_tokens(spec.plan_config())
+
+
+def plan_summary(spec: StudySpec, speeds: Mapping[str, timing.Speed] | None = None,
+                 tokens: Any = None, rates: timing.Rates | None = None) -> dict[str, Any]:
     """Run count, per-arm budget, optimizer steps and the estimated time of all runs one after another.
 
-    ``speeds`` ({method: Speed}, ``app.timing.measured_speeds``) are this machine's measured speeds
-    for the spec's model, as in the Train tab's estimate; without them only the embedded model gets
-    a time, from the stated assumption.
+    ``speeds`` ({method: Speed}, ``app.timing.measured_speeds``) are this machine's finished runs of
+    the spec's model; ``rates`` (``app.timing.rates_for``: its calibration, else its size) time the
+    methods without one, over ``tokens`` (``plan_tokens``: the data's real token counts).
     """
     train_rows, eval_questions = _training_rows(spec)
     planned = spec.plan()
     steps = sum(run.optimizer_steps(train_rows) for run in planned) if train_rows else None
-    seconds, basis = None, None
-    if train_rows and eval_questions and (speeds or timing.model_key(spec.model) == EMBEDDED_MODEL):
+    seconds = low = high = basis = None
+    if train_rows and eval_questions and (speeds or rates or timing.model_key(spec.model) == EMBEDDED_MODEL):
         estimates = [timing.estimate_seconds(run.config, train_rows, eval_questions,
-                                             timing.speed_for(speeds, run.method), any_measured=bool(speeds))
+                                             timing.speed_for(speeds, run.method), any_measured=bool(speeds),
+                                             tokens=tokens, rates=rates)
                      for run in planned]
         seconds = sum(estimate.total for estimate in estimates)
+        low, high = sum(e.low for e in estimates), sum(e.high for e in estimates)
         measured = sorted({speed.run_id for speed in (speeds or {}).values() if speed.run_id is not None})
-        basis = (f"from this machine's measured speeds (runs {', '.join(f'#{i}' for i in measured)})" if measured
-                 else estimates[0].basis)
+        others = [e.basis for run, e in zip(planned, estimates) if timing.speed_for(speeds, run.method) is None]
+        basis = others[0] if others else ""
+        if measured:
+            runs = ", ".join(f"#{i}" for i in measured)
+            basis = f"from this machine's measured speeds (runs {runs})" + (f"; other methods {basis}" if basis else "")
     return {
         "runs": len(planned), "arms": [(arm.name, arm.method, arm.budget_label) for arm in spec.arms],
         "seeds": list(spec.seeds), "grid_points": spec.grid_points_count, "train_rows": train_rows,
-        "eval_questions": eval_questions, "optimizer_steps": steps, "seconds": seconds, "basis": basis,
+        "eval_questions": eval_questions, "optimizer_steps": steps, "seconds": seconds, "low": low, "high": high,
+        "basis": basis, "past_a_day": bool(seconds and seconds > timing.DAY_SECONDS),
         "warning": study_lib.evaluation_warning(eval_questions) if eval_questions else None,
     }
+
+
+def default_preset_title() -> str:
+    """The preset the Studies tab opens on: the CPU one on a machine without a GPU."""
+    from heft_core.calibration import has_gpu
+
+    return PRESET_TITLES[0] if has_gpu() else study_lib.PRESET_TITLES["cpu-boolq"]
+
+
+def start_calibration(text: str) -> bool:
+    """Measure this machine's speed for the spec's model and shapes in the background, once (cached);
+    True when a calibration is running now."""
+    from heft_core import calibration
+
+    try:
+        spec = parse_spec(text)
+        config = spec.plan_config()
+    except HeftError:
+        return False
+    if timing.is_hub(config.data):  # no calibration on rows this machine does not have
+        return False
+    kinds = sorted({kind for arm in spec.arms for kind in calibration.KINDS_OF_METHOD.get(arm.method, ())})
+    calibration.calibrate_in_background(config, kinds)
+    return calibration.running()
 
 
 def _count(n: int, word: str) -> str:
@@ -100,7 +136,8 @@ def plan_markdown(text: str, engine: Any = None) -> str:
     ``engine``, the time estimate rests on the finished runs of the spec's model on this machine."""
     try:
         spec = parse_spec(text)
-        summary = plan_summary(spec, timing.measured_speeds(engine, spec.model) if engine is not None else None)
+        speeds = timing.measured_speeds(engine, spec.model) if engine is not None else None
+        summary = plan_summary(spec, speeds, plan_tokens(spec), timing.rates_for(spec.plan_config()))
     except HeftError as exc:
         return present.error(error_text(exc))
     arms = ", ".join(f"{present.escape(name)} ({present.escape(budget)})" for name, _, budget in summary["arms"])
@@ -115,9 +152,19 @@ def plan_markdown(text: str, engine: Any = None) -> str:
         lines.append(f"Every run answers the same {present.format_int(summary['eval_questions'])} evaluation "
                      "questions.")
     if summary["seconds"]:
-        duration = present.format_duration(summary["seconds"])
-        lines.append(f"All runs one after another: about **{duration}** of loading, training and evaluation "
+        duration = timing.format_range(summary["low"], summary["high"])
+        lines.append(f"All runs one after another: **{duration}** of loading, training and evaluation "
                      f"({present.escape(summary['basis'])}); GPU slots train runs in parallel.")
+        from heft_core import calibration
+
+        if calibration.running():
+            lines.append("*Measuring this machine's speed now (a few training steps and evaluation batches); "
+                         "the estimate rests on it when you next open this tab or edit the spec.*")
+    if summary["past_a_day"]:
+        lines.append(present.warning(
+            f"This plan runs past a day here ({present.escape(timing.format_range(summary['low'], summary['high']))}). "
+            "To bring it within reach: fewer rows (`train_size`, `eval_size`), fewer seeds or arms, the "
+            "\"CPU: learns on BoolQ\" preset, or a machine with a GPU."))
     if summary["warning"]:
         lines.append(present.warning(present.escape(summary["warning"])))
     return "\n\n".join(lines)

@@ -57,3 +57,8 @@ def reft_params(hidden_size: int, rank: int, n_layers: int, positions: str, shar
     """Trainable LoReFT parameters: R (d x r) + W, b (d x r + r) per intervention, per group of positions."""
     first, last = parse_positions(positions)
     return (2 * hidden_size * rank + rank) * n_layers * intervention_groups(first, last, share_weights)
+
+
+def matmul_parameters(shape: Mapping[str, Any]) -> int:
+    """Weights of the decoder layers' linear modules: what a token's matrix products cost scales with."""
+    return shape["num_layers"] * sum(fan_in * fan_out for fan_in, fan_out in shape["linear"].values())

@@ -240,7 +240,9 @@ class SideBySide:
         (answer-position logits, the keys and values of ``[:end]``)."""
         from transformers import DynamicCache  # heavy: deferred
 
-        with self._lock, self._adapter_context(adapter), torch.no_grad(), _autocast(self.device, self.precision):
+        # inference_mode, not no_grad: no version counters or view tracking on the prompt's tensors
+        with self._lock, self._adapter_context(adapter), torch.inference_mode(), \
+                _autocast(self.device, self.precision):
             output = self.model(
                 input_ids=batch.input_ids[:, start:end], attention_mask=batch.attention_mask[:, :end],
                 position_ids=batch.position_ids[:, start:end], use_cache=True, logits_to_keep=1,
@@ -273,7 +275,7 @@ class SideBySide:
                     prefix = [(keys[:, :, :cut], values[:, :, :cut]) for keys, values in states]
                 else:  # a later cut than the pass reached: extend it (pass ended at the first cut)
                     _, prefix = self._host_pass(batch, adapter, end, cut, states)
-                with self._lock, self._adapter_context(adapter), torch.no_grad(), \
+                with self._lock, self._adapter_context(adapter), torch.inference_mode(), \
                         _autocast(self.device, self.precision):
                     logits = variant.answer_model.logits_after_prefix(batch, DynamicCache(ddp_cache_data=prefix), cut)
             pair = torch.stack([logits[:, variant.encoder.yes_id], logits[:, variant.encoder.no_id]], dim=-1).float()

@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HEFT_HOME", str(ROOT / ".heft_home" / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HEFT_NO_CALIBRATION", "1")  # no background calibration of the embedded model in UI tests
 
 from heft_core.data import DatasetSplits, Example  # noqa: E402  (after the environment above)
 from tests.tiny import make_tiny_model_dir  # noqa: E402

@@ -101,7 +101,7 @@ def test_throughput_no_bf16_measures_no_bf16_peak(tiny_model, tmp_path, monkeypa
         asked.append(dtype)
         return throughput.MatmulPeak(1e9, 256, (256,), 0.0)
 
-    monkeypatch.setattr(throughput, "timed_matmul_peak", spy)
+    monkeypatch.setattr(throughput.peaks, "timed_matmul_peak", spy)
     report = throughput.main(
         [
             "--quick",

@@ -283,7 +283,7 @@ def test_estimate_without_a_finished_run_says_what_it_assumes(engine):
     form = forms.preset_form(forms.PRESET_QUICK)
     speeds = timing.measured_speeds(engine, form["model"])
     text = html.unescape(forms.estimate_markdown(form, speeds=speeds))
-    assert "assumes 120 tokens/s: no finished run of this model yet" in text
+    assert "estimated from the model's size" in text and "not measured on this machine yet" in text
     assert "evaluation" in text and "loading" in text
 
 

@@ -43,7 +43,7 @@ def test_presets_fill_the_editor_and_the_plan_warns_when_the_evaluation_is_small
     plan = studies.plan_markdown(studies.preset_text("CPU: learns on BoolQ"))
     assert "**3 runs** planned: 3 arms × 1 seed." in plan and "500 evaluation questions" in plan
     assert "⚠️" in plan and "4.0 points" in plan  # 500 questions cannot see a 3-point difference
-    assert "All runs one after another: about" in plan and "assumes 120 tokens/s" in plan  # nothing measured yet
+    assert "All runs one after another: **about" in plan and "estimated from the model" in plan  # nothing measured yet
     small = dict(yaml.safe_load(studies.preset_text("Equal budget")), base={"data": "hub", "eval_size": 3000})
     assert "⚠️" not in studies.plan_markdown(json.dumps(small))
     bad = html.unescape(studies.plan_markdown("name: x\narms: [{method: lora}]\nseeds: [1]"))

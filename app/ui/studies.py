@@ -24,8 +24,9 @@ REPORT_OUTPUTS = ("studies.report", "studies.charts", "studies.report_state")
 
 
 def layout(ui: Manager) -> None:
-    first = studies.PRESET_TITLES[0]
+    first = studies.default_preset_title()  # the CPU preset on a machine without a GPU
     first_text = studies.preset_text(first)
+    studies.start_calibration(first_text)  # this machine's speed, measured once in the background (cached)
     with gr.Tab("Studies", id="studies") as tab:
         ui.add("studies.tab", tab)
         gr.Markdown("A **study** answers the research question across arms (method + epoch budget), seeds and an "
@@ -88,9 +89,11 @@ def _report_updates(engine: Any, study_id: Any) -> list[Any]:
 def wire(ui: Manager, engine: Any) -> None:
     def on_preset(title: str) -> tuple[str, str]:
         text = studies.preset_text(title)
+        studies.start_calibration(text)
         return text, studies.plan_markdown(text, engine)
 
     def on_spec(text: str) -> str:
+        studies.start_calibration(text)
         return studies.plan_markdown(text, engine)
 
     def choices(selected: Any = None) -> Any:
@@ -159,6 +162,8 @@ def wire(ui: Manager, engine: Any) -> None:
                                ui.get("studies.launch_msg", "studies.pick"), **PRIVATE)
     gr.on([ui["studies.tab"].select, ui["studies.refresh"].click], lambda current: choices(current), pick, pick,
           **PRIVATE)
+    # a calibration finished since the page was built: the plan's estimate rests on it now
+    ui["studies.tab"].select(on_spec, ui["studies.spec"], ui["studies.plan"], show_progress="hidden", **PRIVATE)
     pick.change(on_pick, [pick, shown], views + reports, show_progress="hidden", **PRIVATE)
     ui["studies.timer"].tick(on_tick, [pick, shown], views + reports, show_progress="hidden", **PRIVATE)
     ui["studies.cancel"].click(on_cancel, pick, ui["studies.launch_msg"], **PRIVATE).then(
