@@ -40,10 +40,12 @@ def main() -> int:
     from app.ui import build_demo, launch_kwargs
     from app.worker import start_background_worker
     from heft_common.errors import StoreError
+    from storage.lifecycle import prepare_registry
 
     auth = parse_auth(os.environ.get("HEFT_AUTH"))
     worker = None
     try:
+        prepare_registry()  # re-index an empty database from the run directories; restore from HEFT_ARCHIVE
         worker = start_background_worker()
         if worker is None:
             log.info("this app runs no worker (the reason is logged above); it only queues runs")

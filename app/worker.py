@@ -46,7 +46,9 @@ from heft_common.process import oom_kill_count, worker_identity
 from heft_common.vocabulary import RunStatus
 from heft_core.artifacts import read_run_record
 from storage import queries
-from storage.db import open_db
+from storage.archive import Archiver, archive_root
+from storage.db import checkpoint_wal, open_db
+from storage.lifecycle import prepare_registry
 from storage.models import Run
 from storage.rebuild import write_registry_record
 
@@ -56,14 +58,18 @@ ROOT = Path(__file__).resolve().parent.parent
 AUTO_RESUME_ENV = "HEFT_AUTO_RESUME"
 MAX_AUTO_RESUMES = 3  # a run that keeps taking its worker down is left for a person to look at
 HEALTH_SECONDS = 15.0  # how often a Ray worker records the cluster's state for the Runs view
+WAL_CHECKPOINT_SECONDS = 300.0  # how often a running worker folds the WAL into heft.db (and after each run)
 
 
 def auto_resume_default() -> bool:
     """Resume interrupted runs at start-up? ``HEFT_AUTO_RESUME`` (1/0) decides; without it, yes on a
-    Hugging Face Space with persistent storage (``SPACE_ID`` set and ``/data`` writable), where restarts are routine."""
+    Hugging Face Space with persistent storage (``SPACE_ID`` set and ``/data`` writable), where restarts are routine,
+    and wherever a run archive is configured (``HEFT_ARCHIVE``: runs restored from it resume from their checkpoints)."""
     setting = os.environ.get(AUTO_RESUME_ENV)
     if setting is not None and setting.strip():
         return setting.strip().lower() in ("1", "true", "yes", "on")
+    if os.environ.get("HEFT_ARCHIVE", "").strip():
+        return True
     return bool(os.environ.get("SPACE_ID")) and os.path.isdir("/data") and os.access("/data", os.W_OK)
 
 
@@ -94,6 +100,7 @@ class _Running:
     cancel_seen_at: float | None = None
     log_handle: Any = field(default=None, repr=False)
     oom_kills_at_start: int | None = None  # the memory cgroup's OOM-kill count when the child started
+    archived_checkpoint: str | None = None  # the checkpoint (LATEST) last copied to the archive
 
 
 def kill_reason(code: int, oom_kills_before: int | None, oom_kills_after: int | None) -> str:
@@ -129,7 +136,13 @@ class Worker:
         Ray cluster instead of in local child processes; an address that does not answer raises
         ClusterUnavailable before any run is claimed."""
         self.db_path = str(db_path or database_path())
+        # A new or empty database on a home with run directories is re-indexed from them; an empty home with an
+        # archive configured gets the archived runs back first (storage.lifecycle).
+        prepare_registry(self.db_path)
         self.engine = open_db(self.db_path)
+        archive = archive_root()
+        self.archiver = Archiver(archive) if archive is not None else None  # copies run directories (HEFT_ARCHIVE)
+        self._last_wal_checkpoint = time.monotonic()
         self.slots = slots if slots is not None else gpu_slots()
         self.poll_seconds = poll_seconds
         self.heartbeat_seconds = heartbeat_seconds
@@ -167,11 +180,17 @@ class Worker:
                 self._stop.wait(self.poll_seconds)
         finally:
             self.shutdown()
+            checkpoint_wal(self.db_path, "TRUNCATE")  # a clean stop: heft.db alone holds every run
 
     def tick(self) -> None:
-        """One pass: reap finished children, enforce cancels, heartbeat, start new runs."""
+        """One pass: reap finished children, enforce cancels, heartbeat, archive checkpoints, start new runs."""
         for run_id in list(self.running):
             self._check_child(self.running[run_id])
+        for child in self.running.values():
+            self._archive_new_checkpoint(child)
+        if time.monotonic() - self._last_wal_checkpoint >= WAL_CHECKPOINT_SECONDS:
+            self._last_wal_checkpoint = time.monotonic()
+            checkpoint_wal(self.db_path, "PASSIVE")  # never waits for the app's readers or the children's writes
         if self.executor is not None:
             self.executor.tick(self.engine)  # records the remote runs' reports, finishes ended ones
         now = time.monotonic()
@@ -320,7 +339,25 @@ class Worker:
                            self.cancel_grace_seconds)
             child.process.kill()
 
+    def _archive_new_checkpoint(self, child: _Running) -> None:
+        """Copy a running run's directory to the archive each time its trainer made a new checkpoint LATEST."""
+        if self.archiver is None:
+            return
+        try:
+            latest = (child.run_dir / "checkpoints" / "LATEST").read_text().strip()  # heft_core.checkpoint's file
+        except OSError:
+            return
+        if latest and latest != child.archived_checkpoint:
+            child.archived_checkpoint = latest
+            self.archiver.submit(child.run_dir)
+
     def _finish(self, child: _Running, code: int) -> None:
+        self._record_end(child, code)
+        if self.archiver is not None:
+            self.archiver.submit(child.run_dir)  # finished, failed or cancelled: its directory as it ends
+        checkpoint_wal(self.db_path, "PASSIVE")
+
+    def _record_end(self, child: _Running, code: int) -> None:
         cancel_requested = queries.is_cancel_requested(self.engine, child.run_id)
         record = read_run_record(child.run_dir) if code == 0 else None
         if record is not None:
@@ -374,7 +411,12 @@ class Worker:
             queries.finish_run(self.engine, child.run_id, RunStatus.INTERRUPTED,
                                error="the worker shut down while this run was training; resume it to continue "
                                      "from its last checkpoint, or re-queue it to start over")
+            if self.archiver is not None:
+                self.archiver.submit(child.run_dir)  # interrupted: its last checkpoint, for a resume elsewhere
         self.running.clear()
+        if self.archiver is not None and not self.archiver.drain(timeout=20):
+            logger.warning("the archive copies did not finish within the shutdown's wait; the archive keeps the "
+                           "previous copies")
 
 
 class WorkerLock:

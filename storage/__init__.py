@@ -1,8 +1,9 @@
 """HEFT Studio storage: the SQLite record of every run, its metrics and evaluations.
 
 ``storage.models`` defines the tables, ``storage.db`` opens and versions the database,
-``storage.queries`` holds every read and write. Imports no torch, transformers, gradio or
-heft_core; shared words and errors come from heft_common.
+``storage.queries`` holds every read and write (by concern in ``storage.runs``, ``storage.metrics``,
+``storage.studies``, ``storage.orphans``, ``storage.common``; ``queries`` re-exports them all).
+Imports no torch, transformers, gradio or heft_core; shared words and errors come from heft_common.
 
 Typical use::
 

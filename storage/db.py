@@ -7,6 +7,7 @@ once per process before running queries.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sqlite3
@@ -116,6 +117,9 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _add_study_columns}
 # that created them so a forked child can drop connections it inherited.
 _ENGINES: dict[str, tuple[Engine, int]] = {}
 _ENGINES_LOCK = threading.Lock()
+# Databases this process opened successfully (init_db passed), checkpointed at exit; a damaged or foreign
+# file is never among them, so nothing is ever written into one.
+_CHECKPOINT_AT_EXIT: set[tuple[str, int]] = set()
 
 
 def _is_ours_or_empty(cursor: sqlite3.Cursor) -> bool:
@@ -209,6 +213,7 @@ def init_db(engine: Engine) -> None:
                 conn.rollback()
                 raise
             conn.commit()
+        _register_exit_checkpoint(db_file)
     except exc.DatabaseError as error:
         orig = getattr(error, "orig", None)
         if isinstance(orig, sqlite3.DatabaseError) and "not a database" in str(orig):
@@ -273,3 +278,60 @@ def open_db(path: str | Path | None = None) -> Engine:
     init_db(engine)
     return engine
 
+
+
+CHECKPOINT_MODES = ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
+EXIT_BUSY_TIMEOUT_S = 2.0  # at exit, wait this long for other processes' readers, not BUSY_TIMEOUT_MS
+
+
+def checkpoint_wal(db_file: str | Path, mode: str = "PASSIVE", *, busy_timeout_s: float | None = None) -> bool:
+    """Copy the write-ahead log into the main database file (``PRAGMA wal_checkpoint(mode)``); True if complete.
+
+    PASSIVE never waits for other connections (what a running app or worker does now and then); TRUNCATE
+    waits for readers and writers (up to ``busy_timeout_s``) and leaves an empty ``-wal``, so the main file
+    alone holds every run (what a clean shutdown does). False (logged at debug level) when the database is
+    busy, missing or not in WAL mode: the WAL is still there and SQLite still reads it.
+    """
+    mode = mode.upper()
+    if mode not in CHECKPOINT_MODES:
+        raise ValueError(f"checkpoint mode must be one of {', '.join(CHECKPOINT_MODES)}, got {mode!r}")
+    path = Path(db_file)
+    if not path.is_file():
+        return False
+    timeout = BUSY_TIMEOUT_MS / 1000 if busy_timeout_s is None else busy_timeout_s
+    try:
+        conn = sqlite3.connect(str(path), timeout=timeout)
+    except sqlite3.Error as error:
+        log.debug("checkpoint of %s not possible: %s", path, error)
+        return False
+    try:
+        conn.execute(f"PRAGMA busy_timeout={int(timeout * 1000)}")
+        busy, log_frames, checkpointed = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+    except sqlite3.Error as error:
+        log.debug("checkpoint of %s not done: %s", path, error)
+        return False
+    finally:
+        conn.close()
+    complete = busy == 0 and log_frames == checkpointed
+    log.debug("checkpoint(%s) of %s: busy=%s, %s of %s WAL frames", mode, path, busy, checkpointed, log_frames)
+    return complete
+
+
+def _register_exit_checkpoint(db_file: str) -> None:
+    entry = (str(Path(db_file).resolve()), os.getpid())
+    with _ENGINES_LOCK:
+        if entry in _CHECKPOINT_AT_EXIT:
+            return
+        _CHECKPOINT_AT_EXIT.add(entry)
+    atexit.register(_checkpoint_at_exit, *entry)
+
+
+def _checkpoint_at_exit(key: str, pid: int) -> None:
+    """atexit: close this process's connections and fold the WAL into the main file (a clean shutdown)."""
+    if os.getpid() != pid:
+        return  # a forked child does not own the parent's engine
+    cached = _ENGINES.get(key)
+    if cached is not None and cached[1] == pid:
+        cached[0].dispose()
+    if checkpoint_wal(key, "TRUNCATE", busy_timeout_s=EXIT_BUSY_TIMEOUT_S):
+        log.debug("checkpointed %s at exit", key)

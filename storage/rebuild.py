@@ -183,6 +183,35 @@ def _insert(engine: Any, fields: Mapping[str, Any], wanted: int | None, steps: l
     return run_id
 
 
+def run_directories(home: Path) -> list[Path]:
+    """The directories under ``<home>/runs`` a rebuild reads (names starting with "." are partial copies)."""
+    runs_root = Path(home) / "runs"
+    if not runs_root.is_dir():
+        return []
+    return sorted(p for p in runs_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def index_run_directories(engine: Any, home: Path, report: RebuildReport) -> RebuildReport:
+    """Insert one run per readable directory under ``<home>/runs`` into ``engine``'s database (see the module
+    docstring), recording in ``report`` what was restored and what was skipped and why."""
+    for run_dir in run_directories(home):
+        try:
+            record = _read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).exists() else None
+            registry = _read_json(run_dir / REGISTRY_FILE) if (run_dir / REGISTRY_FILE).exists() else {}
+            if record is None and not registry:
+                report.skipped[run_dir.name] = (f"no {RUN_FILE} or {REGISTRY_FILE} "
+                                                "(not a run directory, or it never started)")
+                continue
+            fields = _run_fields(run_dir, registry, record)
+            steps, evals = _steps(run_dir), _evals(run_dir)
+        except (OSError, KeyError, TypeError, ValueError, AttributeError) as error:  # a damaged directory
+            report.skipped[run_dir.name] = f"cannot be read ({type(error).__name__}: {error})"
+            continue
+        run_id = _insert(engine, fields, _wanted_id(run_dir, registry), steps, evals)
+        report.restored[run_id] = run_dir.name
+    return report
+
+
 def move_aside(db_path: Path) -> list[Path]:
     """Rename a database and its -wal/-shm files to ``<name>.damaged-<UTC time>``; returns the new paths."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -215,24 +244,7 @@ def rebuild(home: str | Path | None = None, db_path: str | Path | None = None, *
         building.with_name(building.name + suffix).unlink(missing_ok=True)
     engine = get_engine(building)
     init_db(engine)
-    runs_root = home / "runs"
-    directories = sorted(p for p in runs_root.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-        if runs_root.is_dir() else []
-    for run_dir in directories:
-        try:
-            record = _read_json(run_dir / RUN_FILE) if (run_dir / RUN_FILE).exists() else None
-            registry = _read_json(run_dir / REGISTRY_FILE) if (run_dir / REGISTRY_FILE).exists() else {}
-            if record is None and not registry:
-                report.skipped[run_dir.name] = (f"no {RUN_FILE} or {REGISTRY_FILE} "
-                                                "(not a run directory, or it never started)")
-                continue
-            fields = _run_fields(run_dir, registry, record)
-            steps, evals = _steps(run_dir), _evals(run_dir)
-        except (OSError, KeyError, TypeError, ValueError, AttributeError) as error:  # a damaged directory
-            report.skipped[run_dir.name] = f"cannot be read ({type(error).__name__}: {error})"
-            continue
-        run_id = _insert(engine, fields, _wanted_id(run_dir, registry), steps, evals)
-        report.restored[run_id] = run_dir.name
+    index_run_directories(engine, home, report)
     engine.dispose()
     # One plain file to move into place: fold the WAL back into it.
     with sqlite3.connect(building) as conn:
