@@ -37,7 +37,7 @@ def main() -> int:
     # (As a container's PID 1 without a handler, SIGTERM would be ignored until the SIGKILL.)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     from app.login import login_options
-    from app.ui import build_demo, launch_kwargs
+    from app.ui import build_demo, launch_kwargs, queue_kwargs
     from app.worker import start_background_worker
     from heft_common.errors import StoreError
 
@@ -48,7 +48,7 @@ def main() -> int:
         if worker is None:
             log.info("this app runs no worker (the reason is logged above); it only queues runs")
         demo = build_demo()
-        demo.queue(default_concurrency_limit=4).launch(
+        demo.queue(**queue_kwargs()).launch(
             server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
             server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
             show_error=False,
