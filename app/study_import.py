@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -98,6 +99,39 @@ def import_study_payload(engine: Any, zip_path: Any, actor: Actor | None = ANONY
     return {"study_id": imported.study_id, "run_ids": imported.run_ids, "origin": imported.origin}
 
 
+# ---------------------------------------------------------------------- the bundled demo
+
+DEMO_ENV = "HEFT_DEMO"
+DEMO_DIR_ENV = "HEFT_DEMO_DIR"
+# Where the lead puts the trained demo study (a study directory with its manifest, weights in bf16 safetensors).
+DEFAULT_DEMO_DIR = Path(__file__).resolve().parent / "demo_study"
+
+
+def import_demo_if_empty(engine: Any, directory: str | Path | None = None) -> ImportedStudy | None:
+    """At start-up: import the bundled demo study when the registry holds no run, unless ``HEFT_DEMO=0``.
+
+    ``directory`` (default ``HEFT_DEMO_DIR`` or ``app/demo_study``) that does not exist is skipped with a log
+    line; a damaged one is logged and skipped too (the app still starts, with an empty registry)."""
+    from storage import queries
+
+
+    if os.environ.get(DEMO_ENV, "1").strip() == "0":
+        return None
+    target = Path(directory or os.environ.get(DEMO_DIR_ENV) or DEFAULT_DEMO_DIR)
+    if not (target / STUDY_INDEX_FILE).is_file():
+        logger.info("no bundled demo study at %s; starting without one", target)
+        return None
+    if queries.list_runs(engine, limit=1):
+        return None
+    try:
+        imported = import_study(engine, target, LOCAL)
+    except HeftError as exc:
+        logger.error("the bundled demo study was not imported: %s", exc)
+        return None
+    logger.info("imported the bundled demo study as study #%d (%d runs)", imported.study_id, len(imported.run_ids))
+    return imported
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m app.study_import",
@@ -123,3 +157,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+

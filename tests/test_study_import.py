@@ -190,3 +190,29 @@ def test_a_failure_half_way_leaves_nothing_and_a_zip_imports(study_dir, home, tm
     imported = study_import.import_study_zip(engine, archive, LOCAL)
     assert imported.origin == "imported from tiny import (tiny-study)" and len(imported.run_ids) == 3
     assert not [p for p in (home / "runs").iterdir() if p.name.startswith(".import-")]
+
+
+def test_the_bundled_demo_is_imported_into_an_empty_registry_unless_heft_demo_is_0(study_dir, tmp_path,
+                                                                                  monkeypatch) -> None:
+    from app import service
+
+    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "off"))
+    monkeypatch.setenv("HEFT_DEMO", "0")
+    engine = open_db(tmp_path / "off" / "heft.db")
+    assert study_import.import_demo_if_empty(engine, study_dir) is None and service.list_runs_payload(engine) == []
+    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "on"))
+    monkeypatch.delenv("HEFT_DEMO")
+    engine = open_db(tmp_path / "on" / "heft.db")
+    assert study_import.import_demo_if_empty(engine, tmp_path / "no-such-demo") is None
+    imported = study_import.import_demo_if_empty(engine, study_dir)
+    assert imported is not None
+    assert [run["method"] for run in service.list_runs_payload(engine)] == ["heft", "lora", "base"]
+    asker = AskService(engine)
+    try:
+        defaults = service.ask_defaults(service.list_runs(engine, status="completed"))
+        answered = asker.answer(PASSAGE, QUESTION, defaults)
+    finally:
+        asker.close()
+    assert [a["slot"] for a in answered["answers"]] == ["base", "lora", "heft"]
+    assert study_import.import_demo_if_empty(engine, study_dir) is None  # not empty any more: nothing again
+    assert len(service.list_runs_payload(engine)) == 3
