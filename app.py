@@ -1,7 +1,8 @@
 """HEFT Studio: `python app.py` starts the background worker and serves the web app on port 7860.
 
 Environment: GRADIO_SERVER_NAME (default 127.0.0.1; the Space's Dockerfile sets 0.0.0.0),
-GRADIO_SERVER_PORT (default 7860), HEFT_HOME (data home), HEFT_AUTH="user:pass,user2:pass2"
+GRADIO_SERVER_PORT (default 7860), HEFT_HOME (data home), HEFT_DEMO=0 (do not import the bundled demo study
+into an empty registry), HEFT_AUTH="user:pass,user2:pass2"
 (optional login, throttled: app.login), HEFT_RAY_ADDRESS (train on that Ray cluster, `auto` for the
 one this machine is in; README: Ray cluster).
 
@@ -37,7 +38,7 @@ def main() -> int:
     # (As a container's PID 1 without a handler, SIGTERM would be ignored until the SIGKILL.)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     from app.login import login_options
-    from app.ui import build_demo, launch_kwargs
+    from app.ui import build_demo, launch_kwargs, queue_kwargs
     from app.worker import start_background_worker
     from heft_common.errors import StoreError
     from storage.lifecycle import prepare_registry
@@ -49,8 +50,13 @@ def main() -> int:
         worker = start_background_worker()
         if worker is None:
             log.info("this app runs no worker (the reason is logged above); it only queues runs")
-        demo = build_demo()
-        demo.queue(default_concurrency_limit=4).launch(
+        from app import service
+        from app.study_import import import_demo_if_empty
+
+        engine = service.open_engine()
+        import_demo_if_empty(engine)  # a first start shows the demo's runs (HEFT_DEMO=0: not)
+        demo = build_demo(engine)
+        demo.queue(**queue_kwargs()).launch(
             server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
             server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),
             show_error=False,

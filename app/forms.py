@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from app import timing
+from app.permissions import PermissionRefused
 from app.present import HUB_BOOLQ_SOURCES, METHOD_STAGES, error, escape, format_duration, format_int, model_label
 from heft_common.errors import ConfigError, DataError, HeftError, ModelLoadError
 from heft_common.vocabulary import (
@@ -525,6 +526,8 @@ def _error_parts(exc: BaseException) -> tuple[str, str]:
         return "Data source problem", str(exc)
     if isinstance(exc, ModelLoadError):
         return "Model problem", str(exc)
+    if isinstance(exc, PermissionRefused):
+        return "Not allowed here", str(exc)
     return "Error", str(exc).strip() or type(exc).__name__
 
 

@@ -29,6 +29,7 @@ from app import present
 from app.ask import normalise_model, parse_run_ids
 from app.forms import UPLOAD_EXTENSIONS, default_local_dir, error_text
 from app.logs import LOG_FILE, log_tail
+from app.permissions import ANONYMOUS, Action, Actor, PermissionRefused, Policy, base_params
 from heft_common.errors import ConfigError, DataError, ExportError, HeftError, RunNotFound
 from heft_common.home import data_home
 from heft_common.vocabulary import (
@@ -51,6 +52,44 @@ logger = logging.getLogger(__name__)
 
 LOG_LINES = 14  # lines of train.log in the live view
 LIST_LIMIT = 500
+
+# ---------------------------------------------------------------------- the database and permissions
+
+
+def open_engine(path: str | os.PathLike | None = None) -> Any:
+    """The registry's engine (checked, migrated: storage.db.open_db); the UI gets it from here."""
+    from storage.db import open_db
+
+    return open_db(path)
+
+
+def policy() -> Policy:
+    """The rules in force now (app.permissions, from the environment)."""
+    return Policy.from_env()
+
+
+def authorize(actor: Actor | None, action: Action) -> None:
+    """Raise PermissionRefused unless ``actor`` may take ``action`` here (public mode: owners only)."""
+    policy().check(actor, action)
+
+
+def check_public_limits(engine: Any, rules: Policy, configs: Sequence[RunConfig]) -> None:
+    """Public mode's limits: the queue cap, and base models that would not fit this machine's memory."""
+    if not rules.public:
+        return
+    active = sum(len(queries.list_runs(engine, status=status, limit=None)) for status in ACTIVE_STATUSES)
+    message = rules.queue_refusal(active, len(configs))
+    if message:
+        raise PermissionRefused(message)
+    from heft_core.estimates import model_shape
+    from heft_core.hardware import training_memory
+
+    device, memory, bytes_per_param = training_memory()
+    for model in sorted({config.model for config in configs}):
+        message = rules.hardware_refusal(model, base_params(model_shape(model)), bytes_per_param, memory, device)
+        if message:
+            raise PermissionRefused(message)
+
 
 # ---------------------------------------------------------------------- queue, cancel, re-queue, delete
 
@@ -85,8 +124,14 @@ def _short(ref: str) -> str:
     return os.path.basename(os.path.normpath(ref)) if os.sep in ref else ref
 
 
-def submit_runs(engine: Any, configs: Sequence[RunConfig], batch: bool | None = None) -> list[Run]:
-    """Validate every config first, then queue them all (one comparison batch if several)."""
+def submit_runs(engine: Any, configs: Sequence[RunConfig], batch: bool | None = None,
+                actor: Actor | None = ANONYMOUS) -> list[Run]:
+    """Validate every config first, then queue them all (one comparison batch if several).
+
+    In public mode only an owner may queue, within the queue cap and the machine's memory (app.permissions)."""
+    rules = policy()
+    rules.check(actor, Action.TRAIN)
+    check_public_limits(engine, rules, configs)  # first: a 7B model is refused before its config is downloaded
     for config in configs:
         check_config(config)
     batch_id = uuid.uuid4().hex[:12] if (batch if batch is not None else len(configs) > 1) else None
@@ -99,18 +144,23 @@ def submit_runs(engine: Any, configs: Sequence[RunConfig], batch: bool | None = 
     ]
 
 
-def cancel_run(engine: Any, run_id: Any) -> str:
+def cancel_run(engine: Any, run_id: Any, actor: Actor | None = ANONYMOUS) -> str:
     """"cancelled" (it was queued), "cancel_requested" (it is running) or its final status."""
+    authorize(actor, Action.CANCEL)
     return queries.request_cancel(engine, queries.validate_run_id(run_id))
 
 
-def requeue_run(engine: Any, run_id: Any) -> Run:
+def requeue_run(engine: Any, run_id: Any, actor: Actor | None = ANONYMOUS) -> Run:
+    rules = policy()
+    rules.check(actor, Action.TRAIN)
+    check_public_limits(engine, rules, [])
     return queries.requeue(engine, queries.validate_run_id(run_id))
 
 
-def resume_run(engine: Any, run_id: Any) -> tuple[Run, dict[str, Any] | None]:
+def resume_run(engine: Any, run_id: Any, actor: Actor | None = ANONYMOUS) -> tuple[Run, dict[str, Any] | None]:
     """Queue an interrupted, cancelled or crashed run again as itself (same id, same history), and the
     checkpoint it will continue from (None: it has none yet and restarts from step 0)."""
+    authorize(actor, Action.RESUME)
     run = queries.resume_run(engine, queries.validate_run_id(run_id))
     return run, resume_point(run)
 
@@ -125,8 +175,9 @@ def resume_point(run: Run) -> dict[str, Any] | None:
     return {key: manifest.get(key) for key in ("step", "stage", "epoch", "train_seconds", "written_at")}
 
 
-def delete_run(engine: Any, run_id: Any) -> queries.DeletedRun | None:
+def delete_run(engine: Any, run_id: Any, actor: Actor | None = ANONYMOUS) -> queries.DeletedRun | None:
     """What deleting the run did to its files (see present.delete_message), or None if it did not exist."""
+    authorize(actor, Action.DELETE)
     return queries.delete_run_report(engine, queries.validate_run_id(run_id), data_home())
 
 
@@ -523,7 +574,7 @@ def export_run_archive(engine: Any, run_id: Any, fmt: str | None, out_dir: str |
 
 
 def push_run(engine: Any, run_id: Any, fmt: str | None, repo_id: str, private: bool = False,
-             api: Any = None) -> str:
+             api: Any = None, actor: Actor | None = ANONYMOUS) -> str:
     """Export a completed run into a temporary folder and push it to the hub repo ``repo_id``; returns its URL.
 
     The token comes from HF_TOKEN or the logged-in Hugging Face CLI (heft_core.export.resolve_token); it is
@@ -531,6 +582,7 @@ def push_run(engine: Any, run_id: Any, fmt: str | None, repo_id: str, private: b
     """
     from heft_core.export import check_repo_id, export_run, push_to_hub, resolve_token
 
+    authorize(actor, Action.PUSH)
     run, fmt = _exportable(engine, run_id, fmt)
     repo = check_repo_id(repo_id)
     token = resolve_token()
@@ -607,10 +659,11 @@ def parse_config_payload(text: str) -> list[RunConfig]:
     return configs
 
 
-def start_run_payload(engine: Any, config_json: str) -> dict[str, Any]:
+def start_run_payload(engine: Any, config_json: str, actor: Actor | None = ANONYMOUS) -> dict[str, Any]:
     """{"run_ids": [...]} for the queued runs, or {"error": "..."}."""
     try:
-        runs = submit_runs(engine, parse_config_payload(config_json))
+        authorize(actor, Action.TRAIN)  # before parsing: a visitor's refusal does not depend on the config
+        runs = submit_runs(engine, parse_config_payload(config_json), actor=actor)
     except HeftError as exc:
         return {"error": error_text(exc)}
     except Exception as exc:  # a bug: logged with its traceback; the client still gets one line
@@ -619,19 +672,20 @@ def start_run_payload(engine: Any, config_json: str) -> dict[str, Any]:
     return {"run_ids": [run.id for run in runs]}
 
 
-def cancel_run_payload(engine: Any, run_id: Any) -> dict[str, Any]:
+def cancel_run_payload(engine: Any, run_id: Any, actor: Actor | None = ANONYMOUS) -> dict[str, Any]:
     try:
+        authorize(actor, Action.CANCEL)
         valid = queries.validate_run_id(run_id)
-        return {"run_id": valid, "status": cancel_run(engine, valid)}
+        return {"run_id": valid, "status": cancel_run(engine, valid, actor)}
     except HeftError as exc:  # RunNotFound
         return {"error": str(exc)}
 
 
-def resume_run_payload(engine: Any, run_id: Any) -> dict[str, Any]:
+def resume_run_payload(engine: Any, run_id: Any, actor: Actor | None = ANONYMOUS) -> dict[str, Any]:
     """{"run_id", "status": "queued", "checkpoint": {step, stage, epoch, train_seconds, written_at} or None},
     or {"error"}."""
     try:
-        run, point = resume_run(engine, run_id)
+        run, point = resume_run(engine, run_id, actor)
     except HeftError as exc:  # RunNotFound, or RunStateError: storage refuses a run that cannot be resumed
         return {"error": str(exc)}
     return {"run_id": run.id, "status": run.status, "checkpoint": point}
@@ -672,3 +726,25 @@ def ask_payload(asker: Any, passage: str, question: str, run_ids_json: str) -> d
     except Exception as exc:  # a model that fails to run: logged; the client gets one line
         logger.exception("ask API failed")
         return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def delete_run_payload(engine: Any, run_id: Any, actor: Actor | None = ANONYMOUS) -> dict[str, Any]:
+    """{"run_id", "deleted": whether it existed, "files": what happened to its run directory} or {"error"}."""
+    try:
+        valid = queries.validate_run_id(run_id)
+        deleted = delete_run(engine, valid, actor)
+    except HeftError as exc:  # PermissionRefused, RunNotFound, RunStateError (a running run)
+        return {"error": error_text(exc)}
+    return {"run_id": valid, "deleted": bool(deleted), "files": getattr(deleted, "files", None)}
+
+
+def push_run_payload(engine: Any, run_id: Any, fmt: str | None, repo_id: str, private: bool = False,
+                     actor: Actor | None = ANONYMOUS) -> dict[str, Any]:
+    """{"url"} of the pushed export, or {"error"}."""
+    try:
+        return {"url": push_run(engine, run_id, fmt, repo_id, private, actor=actor)}
+    except HeftError as exc:
+        return {"error": error_text(exc)}
+    except Exception as exc:  # the hub refused or could not be reached: logged; the client gets one line
+        logger.exception("push_run failed")
+        return {"error": error_text(exc)}

@@ -18,8 +18,9 @@ from typing import Any
 
 import pandas as pd
 
-from app import present, timing
+from app import present, service, timing
 from app.forms import data_counts, error_text
+from app.permissions import ANONYMOUS, Action, Actor
 from heft_common.errors import ConfigError, HeftError
 from heft_common.home import data_home
 from heft_common.vocabulary import ACTIVE_STATUSES, EMBEDDED_MODEL, TERMINAL_STATUSES
@@ -173,23 +174,28 @@ def plan_markdown(text: str, engine: Any = None) -> str:
 # ---------------------------------------------------------------------- queueing and cancelling
 
 
-def start_study(engine: Any, text: str, name: str | None = None) -> tuple[Study, list[int]]:
-    """Validate the spec (fields, then model shape and data source) and queue all its runs as one study."""
+def start_study(engine: Any, text: str, name: str | None = None,
+                actor: Actor | None = ANONYMOUS) -> tuple[Study, list[int]]:
+    """Validate the spec (fields, then model shape and data source) and queue all its runs as one study
+    (in public mode: an owner's, within the queue cap and the machine's memory; app.permissions)."""
     from heft_core.data import validate_source
 
+    service.authorize(actor, Action.TRAIN)
     spec = parse_spec(text)
     if name and name.strip():
         spec = StudySpec.from_dict({**spec.to_dict(), "name": name.strip()})
     study_lib.check_against_model(spec)
     validate_source(spec.plan_config().data)
     planned = spec.plan()
+    service.check_public_limits(engine, [run.config for run in planned])
     study = queries.create_study(engine, name=spec.name, spec=spec.to_dict(), runs=[r.queue_fields() for r in planned])
     run_ids = [run.id for run in queries.study_runs(engine, study.id)]
     logger.info("queued study %d (%s): %d runs", study.id, spec.name, len(run_ids))
     return study, run_ids
 
 
-def cancel_study(engine: Any, study_id: Any) -> dict[int, str]:
+def cancel_study(engine: Any, study_id: Any, actor: Actor | None = ANONYMOUS) -> dict[int, str]:
+    service.authorize(actor, Action.CANCEL)
     return queries.cancel_study(engine, study_id)
 
 
@@ -305,10 +311,10 @@ def pending_note(runs: list[Run]) -> str:
 # ---------------------------------------------------------------------- API payloads
 
 
-def start_study_payload(engine: Any, spec_text: str) -> dict[str, Any]:
+def start_study_payload(engine: Any, spec_text: str, actor: Actor | None = ANONYMOUS) -> dict[str, Any]:
     """{"study_id", "run_ids"} or {"error"}."""
     try:
-        study, run_ids = start_study(engine, spec_text)
+        study, run_ids = start_study(engine, spec_text, actor=actor)
     except (HeftError, ValueError) as exc:
         return {"error": error_text(exc)}
     except Exception as exc:  # a bug: logged with its traceback; the client gets one line
@@ -330,9 +336,9 @@ def study_report_payload(engine: Any, study_id: Any) -> dict[str, Any]:
     return {"study_id": int(study_id), "report_dir": str(directory), "status_counts": counts, **report.to_dict()}
 
 
-def cancel_study_payload(engine: Any, study_id: Any) -> dict[str, Any]:
+def cancel_study_payload(engine: Any, study_id: Any, actor: Actor | None = ANONYMOUS) -> dict[str, Any]:
     try:
-        outcome = cancel_study(engine, study_id)
+        outcome = cancel_study(engine, study_id, actor)
     except (HeftError, ValueError) as exc:
         return {"error": error_text(exc)}
     return {"study_id": int(study_id), "runs": {str(run_id): result for run_id, result in outcome.items()}}

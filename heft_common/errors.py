@@ -49,3 +49,7 @@ class AskError(HeftError, ValueError):
 
 class ExportError(HeftError, ValueError):
     """A run that cannot be exported or pushed as asked (format, output directory, repo id, token)."""
+
+
+class StudyDirError(HeftError, ValueError):
+    """A study directory that cannot be imported (incomplete, altered after it was written, another version)."""

@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("study-report", help="print the report of a study directory written by `study`")
     report.add_argument("study_dir")
     report.add_argument("--format", choices=("md", "json", "csv"), default="md", help="md, json or csv (runs)")
+    imp = sub.add_parser("study-import", help="import a study directory (or its zip) into the app's registry "
+                                              "(HEFT_HOME); runs `python -m app.study_import`")
+    imp.add_argument("study_dir")
     return parser
 
 
@@ -371,13 +374,21 @@ def _cmd_study_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study_import(args: argparse.Namespace) -> int:
+    # The registry is the app's (SQL lives in storage/, the import's rules in app/): the library delegates to the
+    # app's command, imported by name so heft_core itself imports neither.
+    import importlib
+
+    return importlib.import_module("app.study_import").main([args.study_dir])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.INFO if args.verbose or args.command in ("train", "study") else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     handlers = {
         "train": _cmd_train, "eval": _cmd_eval, "ask": _cmd_ask, "compare": _cmd_compare, "export": _cmd_export,
-        "study": _cmd_study, "study-report": _cmd_study_report,
+        "study": _cmd_study, "study-report": _cmd_study_report, "study-import": _cmd_study_import,
     }
     try:
         return handlers[args.command](args)

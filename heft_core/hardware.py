@@ -5,6 +5,8 @@ Importing this module does not import torch (the app reads ``cpu_has_native_bf16
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 
@@ -39,3 +41,27 @@ def resolve_precision(precision: str) -> tuple[str, Any]:
     if torch.cuda.is_available():
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return precision, dtype
+
+
+def training_memory() -> tuple[str, int | None, int]:
+    """(device kind, bytes of memory a run can use there or None if unknown, bytes per base weight).
+
+    On a GPU: its memory, weights held in the half dtype (2 bytes). On a CPU: the machine's memory or the
+    container's cgroup limit if lower, weights in fp32 (4 bytes). Imports torch (heavy: deferred).
+    """
+    import torch  # heavy: deferred
+
+    if torch.cuda.is_available():
+        return "GPU", int(torch.cuda.get_device_properties(0).total_memory), 2
+    total: int | None = None
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit)) if total else int(limit)
+    except OSError:
+        pass
+    return "CPU", total, 4

@@ -229,5 +229,8 @@ def run_study_in_process(
         _write_index(out, spec, entries)  # also when interrupted: what finished stays readable
     report = study_report(spec, outcomes, resamples=resamples)
     write_report(report, out, outcomes)
+    from heft_core.study_manifest import write_manifest  # it imports this module
+
+    write_manifest(out)  # the checksums an import verifies
     logger.info("study %s: %d of %d runs finished; report in %s", spec.name, report.finished_runs, len(planned), out)
     return report

@@ -10,11 +10,13 @@ study_report, cancel_study.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
 import gradio as gr
 
+from app import service
 from app.ask import AskService
 from app.startup import import_engine_modules
 from app.ui import api, ask, compare, runs, studies, train
@@ -23,7 +25,6 @@ from app.ui.style import CSS, THEME
 from heft_common.errors import HeftError
 from heft_common.vocabulary import EMBEDDED_MODEL
 from heft_core.estimates import model_shape
-from storage.db import open_db
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,27 @@ HEADER = (
     "LoRA model for E2 epochs; arXiv 2509.09801) on BoolQ yes/no questions, compare runs with proper statistics, "
     "and ask all variants the same question. Training runs in a background worker: closing this page does not stop it."
 )
+
+
+# One shared Space must stay usable under load: Ask (a model forward per variant) runs at most this many at once,
+# the page's API and Answer button sharing the slots, and at most QUEUE_MAX_SIZE events wait in the queue.
+ASK_CONCURRENCY = int(os.environ.get("HEFT_ASK_CONCURRENCY", "2"))
+QUEUE_MAX_SIZE = int(os.environ.get("HEFT_QUEUE_SIZE", "64"))
+ASK_LIMITS = {"concurrency_limit": ASK_CONCURRENCY, "concurrency_id": "heft-ask"}
+
+
+def queue_kwargs() -> dict[str, Any]:
+    """Blocks.queue()'s settings: a bounded queue (a full one refuses new events instead of growing)."""
+    return {"default_concurrency_limit": 4, "max_size": QUEUE_MAX_SIZE}
+
+
+def _public_header(rules: Any) -> None:
+    """Public mode's notice, Hugging Face sign-in (on a Space, where OAuth exists) and the Duplicate button."""
+    with gr.Row(elem_id="heft-public"):
+        gr.Markdown(rules.notice(), elem_id="heft-public-notice")
+        if rules.on_space:  # gr.LoginButton needs the Space's OAuth app (hf_oauth: true); elsewhere it cannot work
+            gr.LoginButton(scale=0, min_width=160)
+        gr.DuplicateButton("Duplicate this Space", scale=0, min_width=180, elem_id="heft-duplicate")
 
 
 def launch_kwargs() -> dict[str, Any]:
@@ -47,7 +69,8 @@ def _warm(model_ref: str) -> None:
 
 
 def build_demo(engine: Any = None) -> gr.Blocks:
-    engine = engine if engine is not None else open_db()
+    engine = engine if engine is not None else service.open_engine()
+    rules = service.policy()
     asker = AskService(engine)
     # transformers' lazy imports are not thread-safe: import the engine here, before the warm-up thread and
     # before any request can import it at the same time ("cannot import name 'AutoConfig'").
@@ -57,6 +80,8 @@ def build_demo(engine: Any = None) -> gr.Blocks:
     ui = Manager()
     with gr.Blocks(title="HEFT Studio", analytics_enabled=False) as demo:
         gr.Markdown(HEADER, elem_classes="heft-header")
+        if rules.public:
+            _public_header(rules)
         with gr.Tabs(selected="train") as tabs:
             ui.add("tabs", tabs)
             train.layout(ui)
@@ -68,8 +93,8 @@ def build_demo(engine: Any = None) -> gr.Blocks:
         runs.wire(ui, engine, demo)
         compare.wire(ui, engine)
         studies.wire(ui, engine)
-        ask.wire(ui, engine, asker)
-        api.register(engine, asker)
+        ask.wire(ui, engine, asker, ASK_LIMITS)
+        api.register(engine, asker, ASK_LIMITS)
     demo.heft_ask_service = asker  # so callers can release the model (demo.heft_ask_service.close())
     demo.heft_components = ui  # the registry, for tests and tools that drive the page by name
     return demo

@@ -53,7 +53,9 @@ def _picked(values: dict[str, Any]) -> dict[str, Any]:
     return {slot: values.get(name) for slot, name in zip(TRAINED_METHODS, PICKS)}
 
 
-def wire(ui: Manager, engine: Any, asker: AskService) -> None:
+def wire(ui: Manager, engine: Any, asker: AskService, limits: dict[str, Any] | None = None) -> None:
+    """``limits``: the Answer event's concurrency settings (shared with the ask API endpoint)."""
+
     def on_tab(data: dict[Any, Any]) -> dict[Any, Any]:
         runs = service.list_runs(engine, status=RunStatus.COMPLETED)
         picks = service.ask_picks(runs, _picked(ui.values(data)))
@@ -110,7 +112,7 @@ def wire(ui: Manager, engine: Any, asker: AskService) -> None:
     ui["ask.example"].click(on_example, ui["ask.example_source"],
                             ui.get("ask.passage", "ask.question", "ask.gold_msg", "ask.gold"), **PRIVATE)
     ask_inputs = ui.inputs(("ask.passage", "ask.question", *PICKS, "ask.model", "ask.gold"))
-    ui["ask.answer"].click(on_ask, ask_inputs, ui.get("ask.msg", "ask.cards"), **PRIVATE)
+    ui["ask.answer"].click(on_ask, ask_inputs, ui.get("ask.msg", "ask.cards"), **PRIVATE, **(limits or {}))
     edit_inputs = ui.get("ask.passage", "ask.question", "ask.gold")
     for box in ("ask.passage", "ask.question"):  # typed, pasted or set: a drawn example keeps its gold answer
         ui[box].change(on_edit, edit_inputs, ui.get("ask.gold_msg", "ask.gold"), show_progress="hidden", **PRIVATE)

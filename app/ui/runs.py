@@ -14,6 +14,7 @@ import gradio as gr
 
 from app import present, service
 from app.logs import LOG_FILE
+from app.permissions import actor_from
 from app.ui.manager import Manager
 from heft_common.errors import HeftError
 
@@ -154,30 +155,30 @@ def wire(ui: Manager, engine: Any, demo: gr.Blocks) -> None:
     def on_tick(value: Any, state: dict | None) -> list[Any]:
         return _render(service.live_view(engine, value, state, full=False))
 
-    def on_cancel(value: Any) -> str:
+    def on_cancel(value: Any, request: gr.Request, profile: gr.OAuthProfile | None) -> str:
         try:
-            outcome = service.cancel_run(engine, value)
+            outcome = service.cancel_run(engine, value, actor_from(profile, request))
         except HeftError as exc:  # RunNotFound
             return present.error(str(exc))
         return present.cancel_message(int(value), outcome)
 
-    def on_resume(value: Any) -> tuple[Any, Any]:
+    def on_resume(value: Any, request: gr.Request, profile: gr.OAuthProfile | None) -> tuple[Any, Any]:
         try:
-            run, point = service.resume_run(engine, value)
+            run, point = service.resume_run(engine, value, actor_from(profile, request))
         except (HeftError, ValueError) as exc:  # unknown run; storage refuses a run that cannot be resumed
             return present.error(str(exc)), gr.skip()
         return present.resume_message(run.id, point), gr.Timer(TABLE_SECONDS, active=True)
 
-    def on_requeue(value: Any) -> tuple[Any, Any, Any]:
+    def on_requeue(value: Any, request: gr.Request, profile: gr.OAuthProfile | None) -> tuple[Any, Any, Any]:
         try:
-            new = service.requeue_run(engine, value)
+            new = service.requeue_run(engine, value, actor_from(profile, request))
         except (HeftError, ValueError) as exc:  # unknown run; storage refuses a run that cannot be re-queued
             return present.error(str(exc)), gr.skip(), gr.skip()
         return present.requeue_message(int(value), new.id), new.id, gr.Timer(TABLE_SECONDS, active=True)
 
-    def on_delete(value: Any) -> tuple[Any, Any]:
+    def on_delete(value: Any, request: gr.Request, profile: gr.OAuthProfile | None) -> tuple[Any, Any]:
         try:
-            deleted = service.delete_run(engine, value)
+            deleted = service.delete_run(engine, value, actor_from(profile, request))
         except (HeftError, ValueError) as exc:  # unknown run; storage refuses to delete a running run
             return present.error(str(exc)), gr.skip()
         return present.delete_message(value, deleted), None
@@ -197,9 +198,11 @@ def wire(ui: Manager, engine: Any, demo: gr.Blocks) -> None:
         size = path.stat().st_size / 1e6
         return gr.File(value=str(path), visible=True), f"Exported as `{path.name}` ({size:.1f} MB): download it below."
 
-    def on_push(value: Any, fmt: str | None, repo_id: str, private: bool) -> str:
+    def on_push(value: Any, fmt: str | None, repo_id: str, private: bool, request: gr.Request,
+                profile: gr.OAuthProfile | None) -> str:
         try:
-            url = service.push_run(engine, value, fmt, repo_id, private)
+            url = service.push_run(engine, value, fmt, repo_id, private,
+                                   actor=actor_from(profile, request))
         except HeftError as exc:  # also: no token, a repo id the hub rejects, the upload failing
             return present.error(str(exc))
         return f"Pushed run #{int(value)} to {present.escape(url)}"

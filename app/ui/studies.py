@@ -12,8 +12,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from app import present, studies
+from app import present, studies, study_import
 from app.forms import error_message
+from app.permissions import actor_from
 from app.ui.manager import Manager
 from heft_common.errors import HeftError
 
@@ -50,6 +51,8 @@ def layout(ui: Manager) -> None:
             ui.add("studies.refresh", gr.Button("Refresh", scale=0, min_width=90))
             ui.add("studies.cancel", gr.Button("Cancel study", variant="stop", scale=0, min_width=130,
                                                elem_id="heft-study-cancel"))
+            ui.add("studies.import", gr.UploadButton("Import study (zip)", file_types=[".zip"], scale=0, min_width=170,
+                                                     elem_id="heft-study-import"))
         ui.add("studies.status", gr.Markdown("", elem_id="heft-study-status"))
         ui.add("studies.matrix", gr.Dataframe(pd.DataFrame(columns=["arm"]), label="arm × seed (status or accuracy)",
                                               interactive=False, elem_id="heft-study-matrix"))
@@ -102,9 +105,9 @@ def wire(ui: Manager, engine: Any) -> None:
         value = selected if selected in ids else (ids[0] if ids else None)
         return gr.Dropdown(choices=options, value=value)
 
-    def on_launch(text: str, name: str) -> tuple[Any, Any]:
+    def on_launch(text: str, name: str, request: gr.Request, profile: gr.OAuthProfile | None) -> tuple[Any, Any]:
         try:
-            study, run_ids = studies.start_study(engine, text, name)
+            study, run_ids = studies.start_study(engine, text, name, actor_from(profile, request))
         except HeftError as exc:
             return error_message(exc), gr.skip()
         except ValueError as exc:  # storage refused the study (e.g. an empty name)
@@ -129,16 +132,26 @@ def wire(ui: Manager, engine: Any) -> None:
             return updates + _report_updates(engine, study_id)  # the study just ended
         return updates + [gr.skip()] * len(REPORT_OUTPUTS)
 
-    def on_cancel(study_id: Any) -> str:
+    def on_cancel(study_id: Any, request: gr.Request, profile: gr.OAuthProfile | None) -> str:
         if not study_id:
             return present.error("pick a study first")
         try:
-            outcome = studies.cancel_study(engine, study_id)
-        except ValueError as exc:
+            outcome = studies.cancel_study(engine, study_id, actor_from(profile, request))
+        except (HeftError, ValueError) as exc:
             return present.error(str(exc))
         changed = sum(1 for result in outcome.values() if result in ("cancelled", "cancel_requested"))
         return (f"Cancelled study #{int(study_id)}: {changed} queued or running runs cancelled or asked to stop; "
                 "finished runs keep their results.")
+
+    def on_import(file_value: Any, request: gr.Request, profile: gr.OAuthProfile | None) -> tuple[Any, Any]:
+        path = file_value if isinstance(file_value, str) else getattr(file_value, "name", None)
+        try:
+            imported = study_import.import_study_zip(engine, path, actor_from(profile, request))
+        except HeftError as exc:  # not allowed here, or incomplete, altered or incompatible: nothing was imported
+            return error_message(exc), gr.skip()
+        origin = present.escape(imported.origin)
+        message = f"Imported study #{imported.study_id} ({len(imported.run_ids)} runs, {origin})."
+        return message, choices(imported.study_id)
 
     def on_build(study_id: Any) -> list[Any]:
         if not study_id:
@@ -169,4 +182,6 @@ def wire(ui: Manager, engine: Any) -> None:
     ui["studies.cancel"].click(on_cancel, pick, ui["studies.launch_msg"], **PRIVATE).then(
         on_tick, [pick, shown], views + reports, **PRIVATE)
     ui["studies.build"].click(on_build, pick, reports, **PRIVATE)
+    ui["studies.import"].upload(on_import, ui["studies.import"], ui.get("studies.launch_msg", "studies.pick"),
+                                **PRIVATE)
     ui["studies.download"].click(on_download, pick, ui.get("studies.zip_file", "studies.launch_msg"), **PRIVATE)

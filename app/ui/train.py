@@ -11,6 +11,7 @@ from typing import Any
 import gradio as gr
 
 from app import forms, present, service, timing
+from app.permissions import Action, actor_from
 from app.ui.manager import Manager
 from app.ui.runs import TABLE_SECONDS
 from heft_common.errors import HeftError
@@ -287,9 +288,12 @@ def wire(ui: Manager, engine: Any, demo: gr.Blocks) -> None:
     def on_data_kind(kind: str) -> tuple[Any, Any]:
         return gr.Textbox(visible=kind == forms.DATA_LOCAL), gr.Row(visible=kind == forms.DATA_UPLOAD)
 
-    def on_launch(data: dict[Any, Any]) -> tuple[Any, Any, Any, Any]:
+    def on_launch(data: dict[Any, Any], request: gr.Request,
+                  profile: gr.OAuthProfile | None) -> tuple[Any, Any, Any, Any]:
         try:
-            runs = service.submit_runs(engine, forms.form_to_configs(ui.values(data)))
+            actor = actor_from(profile, request)
+            service.authorize(actor, Action.TRAIN)  # a visitor hears why first, not about the form's options
+            runs = service.submit_runs(engine, forms.form_to_configs(ui.values(data)), actor=actor)
         except HeftError as exc:  # bad option, data or model: a message, no traceback
             return present.warning(forms.error_message(exc)), gr.skip(), gr.skip(), gr.skip()
         except Exception as exc:  # a bug: logged with its traceback; the page stays usable

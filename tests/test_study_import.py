@@ -1,0 +1,218 @@
+"""Study import: a study directory trained by the CLI's runner enters the app's registry whole, or not at all."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app import studies, study_import
+from app.ask import AskService
+from app.permissions import LOCAL, PermissionRefused
+from heft_common.errors import StudyDirError
+from heft_core.study import StudySpec
+from heft_core.study_manifest import MANIFEST_FILE
+from heft_core.study_report import study_report
+from heft_core.study_runner import load_study_dir, run_study_in_process
+from storage import queries
+from storage.db import open_db
+from tests.conftest import ROOT, write_jsonl_splits
+
+ARMS = [{"method": "base"}, {"method": "lora", "lora_epochs": 1},
+        {"method": "heft", "lora_epochs": 1, "reft_epochs": 1}]
+PASSAGE, QUESTION = "the river town road", "is the bird red"
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory, tiny_model, easy_data) -> Path:
+    """A three-arm, one-seed study written by heft_core's runner (what `python -m heft_core study` does)."""
+    root = tmp_path_factory.mktemp("import-study")
+    data_dir = write_jsonl_splits(root / "data", easy_data)
+    spec = StudySpec.from_dict({
+        "name": "tiny import", "arms": ARMS, "seeds": [1],
+        "base": {"model": tiny_model, "data": str(data_dir), "train_size": 16, "eval_size": 16, "max_length": 48,
+                 "precision": "no", "lora.rank": 2, "lora.target_modules": ["q_proj", "v_proj"], "reft.rank": 2,
+                 "reft.layers": [1, 2], "reft.positions": "l1", "lora_stage.batch_size": 4,
+                 "reft_stage.batch_size": 4},
+    })
+    run_study_in_process(spec, root / "tiny-study", progress=False, resamples=200)
+    return root / "tiny-study"
+
+
+def _registry(engine, home: Path) -> tuple:
+    runs = [(r.id, r.name, r.status, r.artifact_dir) for r in queries.list_runs(engine, limit=None)]
+    studies_ = [(s.id, s.name) for s in queries.list_studies(engine)]
+    return runs, studies_, sorted(p.name for p in (home / "runs").iterdir()) if (home / "runs").exists() else []
+
+
+def _comparable(report: dict) -> dict:
+    """A report without what names where its runs live (directories and registry ids differ by design); wall
+    seconds come back from the registry's start and finish times, to the microsecond."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in ("run_dir", "run_id", "charts")}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return round(value, 4) if isinstance(value, float) else value
+    return strip(report)
+
+
+def test_cli_import_gives_the_same_report_and_ask_answers(study_dir, home, tmp_path) -> None:
+    manifest = json.loads((study_dir / MANIFEST_FILE).read_text())
+    assert "study.json" in manifest["files"] and any(name.endswith("/run.json") for name in manifest["files"])
+    env = {**os.environ, "HEFT_HOME": str(home)}
+    done = subprocess.run([sys.executable, "-m", "heft_core", "study-import", str(study_dir)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Imported as study #1 with runs #1, #2, #3 (imported from tiny import (tiny-study))" in done.stdout
+    engine = open_db(home / "heft.db")
+    runs = queries.study_runs(engine, 1)
+    assert [(r.method, r.status, r.arm, r.seed) for r in runs] == [
+        ("base", "completed", "Base", 1), ("lora", "completed", "LoRA 1", 1), ("heft", "completed", "HEFT 1+1", 1)]
+    assert all(r.name.endswith("· imported from tiny import (tiny-study)") and r.executor == "import" for r in runs)
+    sources = sorted((study_dir / "runs").iterdir())  # NNN-arm-sSEED: the index's order, as the run ids
+    for run, source in zip(runs, sources):  # the run directories were copied into the data home, weights included
+        copied = Path(run.artifact_dir)
+        assert copied.parent == home / "runs" and (copied / "registry.json").exists()
+        assert (copied / "predictions.jsonl").read_bytes() == (source / "predictions.jsonl").read_bytes()
+        assert queries.evaluations(engine, run.id)
+        assert run.method == "base" or queries.metrics_since(engine, run.id, 0)
+    assert (Path(runs[1].artifact_dir) / "lora").is_dir() and (Path(runs[2].artifact_dir) / "reft.safetensors").exists()
+    # The same report as the directory's own, built from the registry as the Studies tab builds it.
+    spec, outcomes = load_study_dir(study_dir)
+    got, _ = studies.build_report(engine, 1)
+    assert _comparable(study_report(spec, outcomes).to_dict()) == _comparable(got.to_dict())
+    # The same Ask answers as the directory's run directories give.
+    asker = AskService(engine)
+    try:
+        answered = asker.answer(PASSAGE, QUESTION, {"lora": runs[1].id, "heft": runs[2].id})
+    finally:
+        asker.close()
+    assert {a["slot"]: (a["answer"], round(a["p_yes"], 4)) for a in answered["answers"]} == _direct_answers(study_dir)
+    # Importing it again is refused: it is there already.
+    again = subprocess.run([sys.executable, "-m", "app.study_import", str(study_dir)], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "was imported before, as study #1" in again.stderr
+
+
+def _direct_answers(study_dir: Path) -> dict:
+    """Base, LoRA and HEFT answers straight from the study directory (heft_core.inference, no registry)."""
+    from heft_core.artifacts import load_run
+    from heft_core.inference import SideBySide
+
+    dirs = sorted((study_dir / "runs").iterdir())
+    config = load_run(dirs[1]).config
+    server = SideBySide(config.model, template=config.template)
+    server.add_run("lora", str(dirs[1]))
+    server.add_run("heft", str(dirs[2]))
+    answers = server.answer_all(PASSAGE, QUESTION)
+    return {slot: (answer.answer, round(answer.p_yes, 4)) for slot, answer in answers.items()}
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncated", "is incomplete: runs/"),
+    ("altered", "was changed after the study was written"),
+    ("added", "is not in manifest.json (added after the study was written)"),
+    ("version", "was written by an incompatible HEFT Studio"),
+    ("no manifest", "has no manifest.json"),
+    ("unfinished", "is incomplete: run runs/"),
+])
+def test_an_incomplete_altered_or_foreign_study_is_refused_and_nothing_is_imported(
+        study_dir, home, tmp_path, damage, message) -> None:
+    engine = open_db(home / "heft.db")
+    queries.create_run(engine, name="already here", method="base", config={"method": "base"}, base_model="m",
+                       data_source="synthetic")
+    before = _registry(engine, home)
+    copy = tmp_path / "tiny-study"
+    shutil.copytree(study_dir, copy)
+    lora_dir = sorted((copy / "runs").iterdir())[1]
+    if damage == "truncated":
+        (lora_dir / "evals.json").unlink()
+    elif damage == "altered":
+        text = (lora_dir / "predictions.jsonl").read_text()  # one answer's probability edited
+        digit = next(i for i, c in enumerate(text) if c.isdigit())
+        (lora_dir / "predictions.jsonl").write_text(text[:digit] + str((int(text[digit]) + 1) % 10) + text[digit + 1:])
+    elif damage == "added":
+        (lora_dir / "extra.bin").write_bytes(b"\0")
+    elif damage == "version":
+        manifest = json.loads((copy / MANIFEST_FILE).read_text())
+        (copy / MANIFEST_FILE).write_text(json.dumps({**manifest, "format": 99}))
+    elif damage == "no manifest":
+        (copy / MANIFEST_FILE).unlink()
+    elif damage == "unfinished":
+        index = json.loads((copy / "study.json").read_text())
+        index["runs"][2]["status"] = "planned"
+        (copy / "study.json").write_text(json.dumps(index))
+        manifest = json.loads((copy / MANIFEST_FILE).read_text())  # even with matching checksums
+        import hashlib
+
+        manifest["files"]["study.json"] = hashlib.sha256((copy / "study.json").read_bytes()).hexdigest()
+        (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(StudyDirError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        study_import.import_study(engine, copy, LOCAL)
+    assert _registry(engine, home) == before
+    # and as a zip, through the path the Studies tab and the API take
+    archive = shutil.make_archive(str(tmp_path / "upload"), "zip", root_dir=tmp_path, base_dir="tiny-study")
+    with pytest.raises(StudyDirError):
+        study_import.import_study_zip(engine, archive, LOCAL)
+    assert _registry(engine, home) == before
+
+
+def test_a_failure_half_way_leaves_nothing_and_a_zip_imports(study_dir, home, tmp_path, monkeypatch) -> None:
+    engine = open_db(home / "heft.db")
+    before = _registry(engine, home)
+    import storage.imports as imports
+
+    calls = []
+    real = imports.write_registry_record
+
+    def fail_on_the_third(run_dir, run):
+        calls.append(run.id)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(run_dir, run)
+
+    monkeypatch.setattr(imports, "write_registry_record", fail_on_the_third)
+    with pytest.raises(OSError, match="disk full"):
+        study_import.import_study(engine, study_dir, LOCAL)
+    assert _registry(engine, home) == before  # no rows, no copies (renamed ones were moved back and removed)
+    monkeypatch.setattr(imports, "write_registry_record", real)
+    # Visitors of a public deployment may not import; the owner's zip upload imports.
+    archive = shutil.make_archive(str(tmp_path / "upload"), "zip", root_dir=study_dir.parent, base_dir=study_dir.name)
+    monkeypatch.setenv("HEFT_PUBLIC", "1")
+    with pytest.raises(PermissionRefused, match="importing studies is for its owners"):
+        study_import.import_study_zip(engine, archive)
+    assert _registry(engine, home) == before
+    imported = study_import.import_study_zip(engine, archive, LOCAL)
+    assert imported.origin == "imported from tiny import (tiny-study)" and len(imported.run_ids) == 3
+    assert not [p for p in (home / "runs").iterdir() if p.name.startswith(".import-")]
+
+
+def test_the_bundled_demo_is_imported_into_an_empty_registry_unless_heft_demo_is_0(study_dir, tmp_path,
+                                                                                  monkeypatch) -> None:
+    from app import service
+
+    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "off"))
+    monkeypatch.setenv("HEFT_DEMO", "0")
+    engine = open_db(tmp_path / "off" / "heft.db")
+    assert study_import.import_demo_if_empty(engine, study_dir) is None and service.list_runs_payload(engine) == []
+    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "on"))
+    monkeypatch.delenv("HEFT_DEMO")
+    engine = open_db(tmp_path / "on" / "heft.db")
+    assert study_import.import_demo_if_empty(engine, tmp_path / "no-such-demo") is None
+    imported = study_import.import_demo_if_empty(engine, study_dir)
+    assert imported is not None
+    assert [run["method"] for run in service.list_runs_payload(engine)] == ["heft", "lora", "base"]
+    asker = AskService(engine)
+    try:
+        defaults = service.ask_defaults(service.list_runs(engine, status="completed"))
+        answered = asker.answer(PASSAGE, QUESTION, defaults)
+    finally:
+        asker.close()
+    assert [a["slot"] for a in answered["answers"]] == ["base", "lora", "heft"]
+    assert study_import.import_demo_if_empty(engine, study_dir) is None  # not empty any more: nothing again
+    assert len(service.list_runs_payload(engine)) == 3
