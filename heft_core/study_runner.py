@@ -85,7 +85,7 @@ class _StepBar(TrainerCallback):
 
 def _same_settings(recorded: Mapping[str, Any], planned: RunConfig) -> bool:
     def learning(config: RunConfig) -> dict[str, Any]:
-        return {k: v for k, v in config.effective_dict().items() if k != "prefix_cache_mb"}
+        return {k: v for k, v in config.effective_dict().items() if k not in ("prefix_cache_mb", "frozen_cache_mb")}
 
     try:
         return learning(RunConfig.from_dict(recorded)) == learning(planned)
