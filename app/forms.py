@@ -41,7 +41,7 @@ from heft_common.vocabulary import (
 from heft_core.config import RunConfig, parse_layers, parse_positions
 from heft_core.data import LOCAL_BOOLQ, local_boolq_dir
 from heft_core.estimates import LLAMA2_7B_CHAT, lora_params, model_shape, reft_params
-from heft_core.hardware import cpu_has_native_bf16
+from heft_core.hardware import cpu_has_native_bf16, precision_warning
 
 # --------------------------------------------------------------------------- choices
 
@@ -560,6 +560,21 @@ def epochs_message(form: Mapping[str, Any]) -> str:
         else:
             parts.append(f"ReFT: **{e2}** epoch{'s' if e2 != 1 else ''} (E2)")
     return " · ".join(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_has_gpu() -> bool:
+    from app.worker import gpu_slots  # the worker's own count of GPU slots (nvidia-smi, HEFT_GPUS)
+
+    return gpu_slots() != [None]
+
+
+def precision_message(value: str, on_gpu: bool | None = None) -> str:
+    """The precision field's note: a warning for bf16 where this machine would emulate it (CPU only)."""
+    if on_gpu is None:
+        on_gpu = _machine_has_gpu()
+    warning = precision_warning(str(value or ""), on_gpu=on_gpu)
+    return error(warning) if warning else ""
 
 
 def positions_message(text: str) -> str:

@@ -68,6 +68,7 @@ class DatabaseCallback(TrainerCallback):
         self.progress.update({
             "stage": None, "step": 0, "total_steps": info["total_steps"], "train_examples": info["train_examples"],
             "eval_examples": info["eval_examples"], "data_label": info["data_label"], "device": info["device"],
+            "precision": info.get("precision"),
         })
         self._planned = None  # estimate again with the real question counts
         self.progress.update(self._eta())

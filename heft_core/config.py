@@ -309,6 +309,9 @@ class RunConfig:
     # MiB for ReFT prefix states kept across epochs (heft_core.prefix_cache); 0 recomputes them in
     # every step; "auto" takes a quarter of the memory available where they live when the stage starts.
     prefix_cache_mb: int | str = "auto"
+    # MiB for the hidden states entering the first LoRA layer when lora.layers leaves layers 0..k-1
+    # frozen (heft_core.frozen_cache): later epochs and evaluations skip them; 0 keeps none; "auto" as above.
+    frozen_cache_mb: int | str = "auto"
     # Data-parallel processes for this one run (accelerate launch), given as many GPUs on one machine.
     # batch_size is per process: the global batch is processes x batch_size x grad_accum.
     processes: int = 1
@@ -365,6 +368,11 @@ class RunConfig:
         _require(
             cache_mb == "auto" or (_is_int(cache_mb) and 0 <= cache_mb <= 1_048_576), "prefix_cache_mb",
             f"must be 'auto' or an integer in 0..1048576 (MiB), got {cache_mb!r}",
+        )
+        frozen_mb = self.frozen_cache_mb
+        _require(
+            frozen_mb == "auto" or (_is_int(frozen_mb) and 0 <= frozen_mb <= 1_048_576), "frozen_cache_mb",
+            f"must be 'auto' or an integer in 0..1048576 (MiB), got {frozen_mb!r}",
         )
         _require_int(self.processes, "processes", 1, MAX_PROCESSES)
         minutes = self.checkpoint_minutes
@@ -441,7 +449,7 @@ class RunConfig:
         data = self.to_dict()
         unused = ["report"]
         if not self.uses_lora:
-            unused += ["lora", "lora_stage", "lora_loss"]
+            unused += ["lora", "lora_stage", "lora_loss", "frozen_cache_mb"]
         if not self.uses_reft:
             unused += ["reft", "reft_stage", "prefix_cache_mb"]
         if self.method != "heft":

@@ -88,7 +88,8 @@ def _same_settings(recorded: Mapping[str, Any], planned: RunConfig) -> bool:
     from heft_core.data import LOCAL_BOOLQ, local_boolq_dir
 
     def learning(config: RunConfig) -> dict[str, Any]:
-        values = {k: v for k, v in config.effective_dict().items() if k != "prefix_cache_mb"}  # no "report" either
+        values = {k: v for k, v in config.effective_dict().items() if k not in ("prefix_cache_mb", "frozen_cache_mb")}
+        # (no "report" either: effective_dict leaves it out)
         if values.get("data") == LOCAL_BOOLQ:  # the label and the path it names here are the same data
             values["data"] = str(local_boolq_dir())
         return values

@@ -49,7 +49,8 @@ from heft_core.callbacks import (
 from heft_core.config import RunConfig, StageSettings
 from heft_core.data import EVAL_SUBSET_SEED
 from heft_core.evaluate import Prediction, accuracies_of, accuracy_of, score
-from heft_core.hardware import resolve_precision
+from heft_core.frozen_cache import lora_answer_model
+from heft_core.hardware import precision_warning, resolve_precision
 from heft_core.models import ModelInfo, load_model, load_tokenizer, model_info, needs_conversion
 from heft_core.prefix_cache import PrefixStateCache, resolve_budget
 from heft_core.prompt import EncodedExample, PromptEncoder
@@ -424,6 +425,13 @@ def _resume_point(
     return checkpoint, event
 
 
+def _auto_precision_of_checkpoint(run_dir: Path, resolved: str) -> str:
+    """The precision the latest checkpoint of an "auto" run trained in, when this machine can run it."""
+    checkpoint, _ = ckpt.load_latest_checkpoint(run_dir)
+    saved = checkpoint.environment.precision if checkpoint is not None else resolved
+    return saved if saved in ("no", "bf16") and saved != resolved else resolved
+
+
 def train(
     config: RunConfig, output_dir: str | Path, callbacks: Sequence[TrainerCallback] | None = None,
     data: data_lib.DatasetSplits | None = None, resume: bool = False,
@@ -455,6 +463,8 @@ def _train(
 ) -> RunResult:
     output_dir = Path(output_dir)
     mixed_precision, dtype = resolve_precision(config.precision)
+    if resume and config.precision == "auto":  # "auto" may resolve otherwise now; continue as it trained
+        mixed_precision = _auto_precision_of_checkpoint(output_dir, mixed_precision)
     accelerator = _accelerator(mixed_precision)
     # Run in several processes (accelerate launch), only the main one reports: metrics are recorded once.
     cb = CallbackList(callbacks if accelerator.is_main_process else [])
@@ -478,8 +488,14 @@ def _train(
     cb.on_train_begin({
         "method": config.method, "total_steps": trainer.total_steps, "train_examples": len(prepared.train_encoded),
         "eval_examples": len(prepared.eval_encoded), "data_label": prepared.data.label,
-        "device": str(accelerator.device),
+        "device": str(accelerator.device), "precision": mixed_precision,
     })
+    trained_in = "fp32" if mixed_precision == "no" else mixed_precision
+    cb.on_log(f"precision: {config.precision} -> {mixed_precision} (trains in {trained_in})")
+    warning = precision_warning(mixed_precision, on_gpu=accelerator.device.type == "cuda")
+    if warning:
+        logger.warning(warning)
+        cb.on_log(f"warning: {warning}")
     if resumed is not None:
         cb.on_log(resumed.message)
         cb.on_resume(resumed)
@@ -493,7 +509,7 @@ def _train(
         trainer.evaluate(PlainAnswerModel(model), "base", 0)
     if config.uses_lora:
         lora_model = build_lora_model(model, config.lora, info.num_layers)
-        answer_model = PlainAnswerModel(lora_model)
+        answer_model, frozen_cache = lora_answer_model(lora_model, config, trainer.device)
         trainable["lora"] = count_parameters(answer_model.trainable_parameters())
         trainer.lora_model = lora_model
         if checkpoint is not None and checkpoint.lora_state is not None:
@@ -503,6 +519,9 @@ def _train(
         else:
             cb.on_log(f"stage lora: {trainable['lora']:,} trainable parameters")
             trainer.run_stage("lora", answer_model, config.lora_stage)
+            if frozen_cache is not None:  # the states are rebuilt on resume, never saved
+                cb.on_log(frozen_cache.summary(config.frozen_cache_mb))
+        answer_model = frozen_cache = None  # free the kept states before stage 2 sizes its own cache
         lora_model.requires_grad_(False)
         lora_model.eval()
     if config.uses_reft and not trainer.stopped:

@@ -188,5 +188,5 @@ def test_effective_dict_keeps_only_what_the_method_uses():
     keys = {method: set(RunConfig(method=method).effective_dict()) for method in ("base", "lora", "reft", "heft")}
     assert keys["heft"] == set(RunConfig().to_dict()) - {"report"}  # where a run is reported is not learning
     assert keys["lora"] == keys["heft"] - {"reft", "reft_stage", "prefix_cache_mb", "heft_stage2_mode"}
-    assert keys["reft"] == keys["heft"] - {"lora", "lora_stage", "lora_loss", "heft_stage2_mode"}
-    assert keys["base"] == keys["lora"] - {"lora", "lora_stage", "lora_loss"}
+    assert keys["reft"] == keys["heft"] - {"lora", "lora_stage", "lora_loss", "frozen_cache_mb", "heft_stage2_mode"}
+    assert keys["base"] == keys["lora"] - {"lora", "lora_stage", "lora_loss", "frozen_cache_mb"}

@@ -178,6 +178,8 @@ def _training_options(ui: Manager, field: Any, form0: dict[str, Any]) -> None:
                   info="adapter: LoRA stays a frozen adapter; merged: merged into the weights")
             field("precision", gr.Dropdown, list(PRECISIONS), label="precision",
                   info="auto: bf16 on a GPU that has it, else fp32")
+            ui.add("train.precision_msg", gr.Markdown(forms.precision_message(form0["precision"]),
+                                                      elem_classes="heft-note", elem_id="heft-precision-msg"))
             field("processes", gr.Number, label="processes (GPUs) per run", precision=0,
                   info="data-parallel on one machine; batch size is per process")
         with gr.Row():
@@ -310,6 +312,8 @@ def wire(ui: Manager, engine: Any, demo: gr.Blocks) -> None:
     ui["model"].change(on_model, model_inputs, model_outputs, trigger_mode="always_last", **PRIVATE)
     ui["reft.layers"].change(on_layers, ui.get("model", "reft.layers"), ui["train.layers_msg"], show_progress="hidden",
                              **PRIVATE)
+    ui["precision"].change(forms.precision_message, ui["precision"], ui["train.precision_msg"],
+                           show_progress="hidden", **PRIVATE)
     ui["reft.positions"].change(forms.positions_message, ui["reft.positions"], ui["train.positions_msg"],
                                 show_progress="hidden", **PRIVATE)
     ui["method"].change(on_method, ui["method"], ui.get(*METHOD_DEPENDENT), **PRIVATE)
