@@ -583,8 +583,8 @@ class StudySpec:
 
 # Options that do not touch what stage 1 trains or records (the run's name, method and stage-2 settings, and
 # how often it checkpoints): two runs equal in everything else train the same stage 1, bit for bit.
-_NOT_STAGE1 = ("method", "name", "reft", "reft_stage", "heft_stage2_mode", "prefix_cache_mb", "checkpoint_minutes",
-               "keep_epoch_checkpoints")
+_NOT_STAGE1 = ("method", "name", "reft", "reft_stage", "heft_stage2_mode", "prefix_cache_mb", "frozen_cache_mb",
+               "checkpoint_minutes", "keep_epoch_checkpoints", "report")
 
 
 def stage1_key(config: RunConfig) -> str | None:
@@ -972,17 +972,35 @@ def cpu_learns_on_boolq(
     )
 
 
+def cpu_demo(*, reft_epochs: int = 2, name: str = "CPU demo: four variants", **overrides: Any) -> StudySpec:
+    """The app's bundled demo (``app/demo_study``): the CPU preset extended to all four variants, base, LoRA 2,
+    ReFT ``reft_epochs`` and HEFT 2+``reft_epochs``, one seed. HEFT's stage 1 is the LoRA run's (the planner
+    shares it: same seed, data and settings), and HEFT keeps it as an adapter (``heft_stage2_mode: adapter``),
+    so the Ask tab serves LoRA and HEFT from one adapter and one prompt pass."""
+    spec = cpu_learns_on_boolq(name=name, **overrides)
+    spec.arms = [StudyArm("base"), StudyArm("lora", lora_epochs=2), StudyArm("reft", reft_epochs=reft_epochs),
+                 StudyArm("heft", lora_epochs=2, reft_epochs=reft_epochs)]
+    spec.base["heft_stage2_mode"] = "adapter"
+    spec.description = (
+        f"The app's demo: the embedded SmolLM2-135M on the BoolQ sample at CPU scale, base, LoRA 2, ReFT {reft_epochs} "
+        f"and HEFT 2+{reft_epochs} (its stage 1 the LoRA run's own adapter), one seed, the CPU preset's settings."
+    )
+    return spec
+
+
 PRESETS: dict[str, Callable[..., StudySpec]] = {
     "paper-table": paper_table,
     "paper-table-linear": paper_table_linear,
     "equal-budget": equal_budget,
     "cpu-boolq": cpu_learns_on_boolq,
+    "cpu-demo": cpu_demo,
 }
 PRESET_TITLES: dict[str, str] = {
     "paper-table": "Paper table",
     "paper-table-linear": "Paper table, all linear layers",
     "equal-budget": "Equal budget",
     "cpu-boolq": "CPU: learns on BoolQ",
+    "cpu-demo": "CPU demo: four variants",
 }
 
 
