@@ -1,5 +1,5 @@
 # HEFT Studio as a Hugging Face Space (Docker SDK): port 7860, non-root uid 1000,
-# data home on the Space's persistent storage (/data) when it is mounted.
+# the data home (with the SQLite database) on local disk; a Storage Bucket at /data holds the run archive.
 #   CPU image (default):  docker build -t heft-studio .
 #   GPU image (CUDA):     docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t heft-studio:gpu .
 FROM python:3.11-slim
@@ -29,8 +29,8 @@ COPY --chown=user storage ./storage
 COPY --chown=user heft_common ./heft_common
 
 USER user
-# HEFT_HOME defaults to /data/heft-studio when /data (persistent storage) is writable,
-# else ~/.cache/heft-studio inside the container.
+# HEFT_HOME defaults to ~/.cache/heft-studio inside the container (local disk: SQLite must not live on a
+# bucket); with a Storage Bucket attached at /data, runs are archived to /data/heft-archive (storage.archive).
 EXPOSE 7860
 ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["python", "app.py"]

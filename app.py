@@ -51,10 +51,10 @@ def main() -> int:
         if worker is None:
             log.info("this app runs no worker (the reason is logged above); it only queues runs")
         from app import service
-        from app.study_import import import_demo_if_empty
+        from app.study_import import import_bundled_demo
 
         engine = service.open_engine()
-        import_demo_if_empty(engine)  # a first start shows the demo's runs (HEFT_DEMO=0: not)
+        import_bundled_demo(engine)  # a first start shows the demo's runs (HEFT_DEMO=0: not)
         demo = build_demo(engine)
         demo.queue(**queue_kwargs()).launch(
             server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),

@@ -103,31 +103,40 @@ def import_study_payload(engine: Any, zip_path: Any, actor: Actor | None = ANONY
 
 DEMO_ENV = "HEFT_DEMO"
 DEMO_DIR_ENV = "HEFT_DEMO_DIR"
-# Where the lead puts the trained demo study (a study directory with its manifest, weights in bf16 safetensors).
+# The trained demo study (a study directory with its manifest, weights in bf16 safetensors; app/demo_study/README.md).
 DEFAULT_DEMO_DIR = Path(__file__).resolve().parent / "demo_study"
+DEMO_MARKER = "demo-imported"  # in the data home: the demo was imported here once
 
 
-def import_demo_if_empty(engine: Any, directory: str | Path | None = None) -> ImportedStudy | None:
-    """At start-up: import the bundled demo study when the registry holds no run, unless ``HEFT_DEMO=0``.
+def import_bundled_demo(engine: Any, directory: str | Path | None = None) -> ImportedStudy | None:
+    """At start-up: import the bundled demo study unless ``HEFT_DEMO=0``, once per data home.
 
-    ``directory`` (default ``HEFT_DEMO_DIR`` or ``app/demo_study``) that does not exist is skipped with a log
-    line; a damaged one is logged and skipped too (the app still starts, with an empty registry)."""
-    from storage import queries
-
-
+    It is imported when the data home has no ``DEMO_MARKER`` (written after an import) and the registry holds
+    no run of the demo: a first start, and every start on a Space's ephemeral disk (where runs restored from
+    the archive do not bring the demo back); a user who deleted the demo's runs on a kept disk is not given
+    them again. ``directory`` (default ``HEFT_DEMO_DIR`` or ``app/demo_study``) that does not exist is skipped
+    with a log line; a damaged one is logged and skipped too (the app still starts without it)."""
     if os.environ.get(DEMO_ENV, "1").strip() == "0":
         return None
     target = Path(directory or os.environ.get(DEMO_DIR_ENV) or DEFAULT_DEMO_DIR)
     if not (target / STUDY_INDEX_FILE).is_file():
         logger.info("no bundled demo study at %s; starting without one", target)
         return None
-    if queries.list_runs(engine, limit=1):
+    marker = data_home() / DEMO_MARKER
+    if marker.exists():
         return None
     try:
         imported = import_study(engine, target, LOCAL)
+    except StudyDirError as exc:
+        if "was imported before" in str(exc):  # already in the registry (e.g. a home copied without its marker)
+            marker.write_text(str(target) + "\n")
+            return None
+        logger.error("the bundled demo study was not imported: %s", exc)
+        return None
     except HeftError as exc:
         logger.error("the bundled demo study was not imported: %s", exc)
         return None
+    marker.write_text(str(target) + "\n")
     logger.info("imported the bundled demo study as study #%d (%d runs)", imported.study_id, len(imported.run_ids))
     return imported
 

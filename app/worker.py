@@ -46,7 +46,7 @@ from heft_common.process import oom_kill_count, worker_identity
 from heft_common.vocabulary import RunStatus
 from heft_core.artifacts import read_run_record
 from storage import queries
-from storage.archive import Archiver, archive_root
+from storage.archive import Archiver, archive_root, archive_setting
 from storage.db import checkpoint_wal, open_db
 from storage.lifecycle import prepare_registry
 from storage.models import Run
@@ -62,15 +62,13 @@ WAL_CHECKPOINT_SECONDS = 300.0  # how often a running worker folds the WAL into 
 
 
 def auto_resume_default() -> bool:
-    """Resume interrupted runs at start-up? ``HEFT_AUTO_RESUME`` (1/0) decides; without it, yes on a
-    Hugging Face Space with persistent storage (``SPACE_ID`` set and ``/data`` writable), where restarts are routine,
-    and wherever a run archive is configured (``HEFT_ARCHIVE``: runs restored from it resume from their checkpoints)."""
+    """Resume interrupted runs at start-up? ``HEFT_AUTO_RESUME`` (1/0) decides; without it, yes wherever a run
+    archive is configured (``storage.archive.archive_setting``: ``HEFT_ARCHIVE``, or a Space's bucket at
+    ``/data``), where restarts are routine and runs restored from it resume from their checkpoints."""
     setting = os.environ.get(AUTO_RESUME_ENV)
     if setting is not None and setting.strip():
         return setting.strip().lower() in ("1", "true", "yes", "on")
-    if os.environ.get("HEFT_ARCHIVE", "").strip():
-        return True
-    return bool(os.environ.get("SPACE_ID")) and os.path.isdir("/data") and os.access("/data", os.W_OK)
+    return archive_setting() is not None
 
 
 def gpu_slots() -> list[str | None]:

@@ -1,8 +1,9 @@
 """Where HEFT Studio keeps its model cache, database and run artifacts.
 
-One environment variable, ``HEFT_HOME``, decides it. Without it: ``/data/heft-studio`` on a
-Hugging Face Space with persistent storage (``/data`` exists and is writable), else
-``~/.cache/heft-studio``. Imports only the standard library, so storage/, heft_core/ and app/ can all use it.
+One environment variable, ``HEFT_HOME``, decides it; without it ``~/.cache/heft-studio``. The live SQLite
+database must sit on a local disk: on a Space, ``/data`` is an attached Storage Bucket (object storage),
+which holds the run archive (``storage.archive``), never the data home. Imports only the standard library,
+so storage/, heft_core/ and app/ can all use it.
 """
 from __future__ import annotations
 
@@ -17,8 +18,6 @@ def data_home() -> Path:
     configured = os.environ.get(HOME_ENV)
     if configured:
         home = Path(configured).expanduser()
-    elif os.path.isdir("/data") and os.access("/data", os.W_OK):
-        home = Path("/data/heft-studio")
     else:
         home = Path("~/.cache/heft-studio").expanduser()
     home.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,10 @@
 """The run archive: copies of run directories outside the data home, so runs survive an ephemeral disk.
 
-``HEFT_ARCHIVE`` names a directory (an attached Storage Bucket's mount on a Space, a network share).
-Only a directory is supported for now; a hub dataset repo id as the archive is a later step. The
-database is never archived: it stays on local disk and is rebuilt from the run directories.
+``HEFT_ARCHIVE`` names a directory (an attached Storage Bucket's mount on a Space, a network share);
+``HEFT_ARCHIVE=off`` turns archiving off. Without it, a Hugging Face Space (``SPACE_ID`` set) whose
+``/data`` is a writable directory (the Storage Bucket attached at ``/data``) archives to
+``/data/heft-archive``. Only a directory is supported for now; a hub dataset repo id as the archive is a
+later step. The database is never archived: it stays on local disk and is rebuilt from the run directories.
 
 A copy is written as ``<archive>/.partial-<run dir>-<random>/``, then a manifest (every file and its
 size, ``.heft-archive.json``) is written last inside it, and only then it is renamed to
@@ -32,9 +34,26 @@ RESTORING_PREFIX = ".restoring-"
 COPY_ATTEMPTS = 3  # a running run's checkpoint may be pruned while it is copied: try again
 
 
-def archive_root() -> Path | None:
-    """The configured archive directory (created if missing), or None when ``HEFT_ARCHIVE`` is unset."""
+SPACE_BUCKET = Path("/data")  # where a Space's Storage Bucket is attached by convention
+OFF_VALUES = ("0", "off", "none", "no", "false")
+
+
+def archive_setting() -> str | None:
+    """The archive location as configured (nothing created): ``HEFT_ARCHIVE``, else on a Space with a
+    writable ``/data`` (its bucket) ``/data/heft-archive``, else None (also for ``HEFT_ARCHIVE=off``)."""
     configured = os.environ.get(ARCHIVE_ENV, "").strip()
+    if configured.lower() in OFF_VALUES:
+        return None
+    if configured:
+        return configured
+    if os.environ.get("SPACE_ID") and SPACE_BUCKET.is_dir() and os.access(SPACE_BUCKET, os.W_OK):
+        return str(SPACE_BUCKET / "heft-archive")
+    return None
+
+
+def archive_root() -> Path | None:
+    """The archive directory (created if missing), or None when none is configured (:func:`archive_setting`)."""
+    configured = archive_setting()
     if not configured:
         return None
     path = Path(configured).expanduser()

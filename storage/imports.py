@@ -27,7 +27,7 @@ from sqlmodel import select
 
 from heft_common.errors import StudyDirError
 from heft_common.vocabulary import RunStatus
-from storage import queries
+from storage.common import _detached_session, _stored_artifact_dir
 from storage.models import EpochEval, Run, StepMetric, Study, utcnow
 from storage.rebuild import ERROR_FILE, RUN_FILE, _evals, _run_fields, _steps, write_registry_record
 
@@ -53,7 +53,7 @@ def origin_label(study_name: str, directory: str | Path) -> str:
 
 def already_imported(engine: Any, origin: str) -> int | None:
     """The study id of an earlier import with this origin, or None."""
-    with queries._detached_session(engine) as sess:
+    with _detached_session(engine) as sess:
         run = sess.exec(select(Run).where(Run.executor == IMPORT_EXECUTOR, Run.node == origin).limit(1)).first()
         return run.study_id if run is not None else None
 
@@ -137,7 +137,7 @@ def _insert(engine: Any, runs_root: Path, name: str, spec: Mapping[str, Any], en
         if isinstance(exc, StudyDirError):
             raise
         raise StudyDirError(f"a run directory of the study cannot be read ({type(exc).__name__}: {exc})") from None
-    with queries._detached_session(engine) as sess:
+    with _detached_session(engine) as sess:
         study = Study(name=name, spec_json=json.dumps(dict(spec), sort_keys=True), created_at=utcnow())
         sess.add(study)
         sess.flush()
@@ -160,7 +160,7 @@ def _insert(engine: Any, runs_root: Path, name: str, spec: Mapping[str, Any], en
             sess.add_all(EpochEval(run_id=run.id, **row) for row in evals)
             if copy is not None:
                 final = runs_root / f"{run.id:06d}-{uuid.uuid4().hex[:8]}"
-                run.artifact_dir = queries._stored_artifact_dir(final)
+                run.artifact_dir = _stored_artifact_dir(final)
                 write_registry_record(copy, run)
                 os.replace(copy, final)
                 renamed.append((final, copy))

@@ -597,15 +597,26 @@ def test_resume_rules_in_the_database(child_env):
 
 def test_auto_resume_setting(monkeypatch, tmp_path):
     from app import worker
+    from storage import archive
 
     monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("HEFT_ARCHIVE", raising=False)
     for value, expected in (("1", True), ("0", False), ("true", True), ("off", False)):
         monkeypatch.setenv(worker.AUTO_RESUME_ENV, value)
         assert worker.auto_resume_default() is expected
     monkeypatch.delenv(worker.AUTO_RESUME_ENV)
     assert worker.auto_resume_default() is False  # not a Space
     monkeypatch.setenv("SPACE_ID", "someone/heft-studio")
-    assert worker.auto_resume_default() is (os.path.isdir("/data") and os.access("/data", os.W_OK))
+    bucket = tmp_path / "bucket"
+    monkeypatch.setattr(archive, "SPACE_BUCKET", bucket)
+    assert worker.auto_resume_default() is False and archive.archive_root() is None  # a Space without a bucket
+    bucket.mkdir()
+    assert worker.auto_resume_default() is True  # a bucket at /data: the archive, and runs resume from it
+    assert archive.archive_root() == bucket / "heft-archive"
+    monkeypatch.setenv("HEFT_ARCHIVE", "off")
+    assert archive.archive_root() is None and worker.auto_resume_default() is False
+    monkeypatch.setenv("HEFT_ARCHIVE", str(tmp_path / "elsewhere"))
+    assert archive.archive_root() == tmp_path / "elsewhere" and worker.auto_resume_default() is True
 
 
 # --------------------------------------------------------------------------- the app: Resume, the API, the run view

@@ -192,19 +192,19 @@ def test_a_failure_half_way_leaves_nothing_and_a_zip_imports(study_dir, home, tm
     assert not [p for p in (home / "runs").iterdir() if p.name.startswith(".import-")]
 
 
-def test_the_bundled_demo_is_imported_into_an_empty_registry_unless_heft_demo_is_0(study_dir, tmp_path,
-                                                                                  monkeypatch) -> None:
+def test_the_bundled_demo_is_imported_once_per_data_home_unless_heft_demo_is_0(study_dir, tmp_path,
+                                                                               monkeypatch) -> None:
     from app import service
 
     monkeypatch.setenv("HEFT_HOME", str(tmp_path / "off"))
     monkeypatch.setenv("HEFT_DEMO", "0")
     engine = open_db(tmp_path / "off" / "heft.db")
-    assert study_import.import_demo_if_empty(engine, study_dir) is None and service.list_runs_payload(engine) == []
+    assert study_import.import_bundled_demo(engine, study_dir) is None and service.list_runs_payload(engine) == []
     monkeypatch.setenv("HEFT_HOME", str(tmp_path / "on"))
     monkeypatch.delenv("HEFT_DEMO")
     engine = open_db(tmp_path / "on" / "heft.db")
-    assert study_import.import_demo_if_empty(engine, tmp_path / "no-such-demo") is None
-    imported = study_import.import_demo_if_empty(engine, study_dir)
+    assert study_import.import_bundled_demo(engine, tmp_path / "no-such-demo") is None
+    imported = study_import.import_bundled_demo(engine, study_dir)
     assert imported is not None
     assert [run["method"] for run in service.list_runs_payload(engine)] == ["heft", "lora", "base"]
     asker = AskService(engine)
@@ -214,5 +214,13 @@ def test_the_bundled_demo_is_imported_into_an_empty_registry_unless_heft_demo_is
     finally:
         asker.close()
     assert [a["slot"] for a in answered["answers"]] == ["base", "lora", "heft"]
-    assert study_import.import_demo_if_empty(engine, study_dir) is None  # not empty any more: nothing again
+    assert study_import.import_bundled_demo(engine, study_dir) is None  # imported here once: nothing again
+    assert len(service.list_runs_payload(engine)) == 3
+    for run in service.list_runs_payload(engine):  # deleted by the user: not brought back at the next start
+        service.delete_run(engine, run["id"])
+    assert study_import.import_bundled_demo(engine, study_dir) is None and service.list_runs_payload(engine) == []
+    # A Space's ephemeral disk: a new data home (no marker) gets the demo again
+    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "restarted"))
+    engine = open_db(tmp_path / "restarted" / "heft.db")
+    assert study_import.import_bundled_demo(engine, study_dir) is not None
     assert len(service.list_runs_payload(engine)) == 3
