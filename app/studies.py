@@ -187,7 +187,7 @@ def start_study(engine: Any, text: str, name: str | None = None,
     study_lib.check_against_model(spec)
     validate_source(spec.plan_config().data)
     planned = spec.plan()
-    service.check_public_limits(engine, [run.config for run in planned])
+    service.check_public_limits(engine, service.policy(), [run.config for run in planned])
     study = queries.create_study(engine, name=spec.name, spec=spec.to_dict(), runs=[r.queue_fields() for r in planned])
     run_ids = [run.id for run in queries.study_runs(engine, study.id)]
     logger.info("queued study %d (%s): %d runs", study.id, spec.name, len(run_ids))
