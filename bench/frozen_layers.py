@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -51,8 +52,10 @@ class _EvalClock:
         self.callback = Clock()
 
 
+
 def main(argv: list[str] | None = None) -> None:
-    from bench.precision import cpu_description
+    argv = sys.argv[1:] if argv is None else argv  # the report names the exact command
+    from bench.precision import cpu_description, load_warning
     from heft_common.vocabulary import EMBEDDED_MODEL
     from heft_core.config import LoraSettings, RunConfig, StageSettings
     from heft_core.train import train
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- CPU: {cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
         f"- CPU flags: {flags}",
         f"- load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
-        f"after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} (2 cores shared with other agents)",
+        f"after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}{load_warning(load_before, load_after)}",
         f"- workload: embedded SmolLM2-135M, LoRA rank 8 all-linear on layers 10-29 (0-9 frozen), {args.rows} BoolQ "
         f"train rows, {args.eval_rows} validation rows, batch 8, max_length 256, fp32, 2 epochs, evaluation after "
         "each; the two runs one after the other in one process",

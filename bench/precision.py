@@ -20,6 +20,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -88,7 +89,14 @@ def step(model, batch, targets, optimizer, side: str) -> float:
     return time.perf_counter() - start
 
 
+
+def load_warning(*loads: tuple[float, ...]) -> str:
+    """A warning when the 1-minute load average passed the core count: other work shared the cores."""
+    return " (above the core count: other work ran alongside)" if max(load[0] for load in loads) > (os.cpu_count() or 1) else ""
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv  # the report names the exact command
     import random
 
     from heft_common.vocabulary import EMBEDDED_MODEL
@@ -145,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- CPU: {cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
         f"- CPU flags: {flags}",
         f"- load average (1/5/15 min) before: {load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f}, "
-        f"after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} (2 cores shared with other agents)",
+        f"after: {load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f}{load_warning(load_before, load_after)}",
         f"- workload: embedded SmolLM2-135M, LoRA rank 8 all-linear on layers 10-29, {len(rows)} BoolQ train rows "
         f"(max_length {args.max_length}), batch {args.batch_size}, {len(batches)} batches of {tokens:.0f} tokens "
         f"on average, AdamW; forward + backward + optimizer step; {args.rounds} rounds, sides interleaved",
