@@ -224,3 +224,51 @@ def test_the_bundled_demo_is_imported_once_per_data_home_unless_heft_demo_is_0(s
     engine = open_db(tmp_path / "restarted" / "heft.db")
     assert study_import.import_bundled_demo(engine, study_dir) is not None
     assert len(service.list_runs_payload(engine)) == 3
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory, tiny_model, easy_data) -> Path:
+    """The bundled demo's shape on the tiny Llama: the cpu-demo preset's four arms (HEFT's stage 1 the LoRA run's,
+    kept as an adapter), trained by the runner, then made small by ``heft_core.study_bundle``."""
+    from heft_core import study as study_lib
+    from heft_core.study_bundle import bundle_study
+
+    root = tmp_path_factory.mktemp("demo-bundle")
+    data_dir = write_jsonl_splits(root / "data", easy_data)
+    spec = study_lib.cpu_demo(reft_epochs=1).to_dict()
+    spec["arms"] = [{"method": "base"}, {"method": "lora", "lora_epochs": 1}, {"method": "reft", "reft_epochs": 1},
+                    {"method": "heft", "lora_epochs": 1, "reft_epochs": 1}]
+    spec["base"].update({"model": tiny_model, "data": str(data_dir), "train_size": 16, "eval_size": 16,
+                         "max_length": 48, "precision": "no", "lora.layers": [1, 2], "reft.layers": [1, 2],
+                         "reft.rank": 2})
+    run_study_in_process(StudySpec.from_dict(spec), root / "demo-study", progress=False, resamples=200)
+    return bundle_study(root / "demo-study", root / "bundle")
+
+
+def test_the_demo_bundle_is_small_bf16_and_imports_four_variants_that_ask_answers(demo_bundle, tmp_path,
+                                                                                monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    from app import service
+
+    weights = sorted(demo_bundle.rglob("*.safetensors"))
+    assert len(weights) == 4  # the LoRA run's adapter, HEFT's copy of it, ReFT's and HEFT's interventions
+    tensors = [t for path in weights for t in load_file(str(path)).values()]
+    assert all(str(t.dtype) == "torch.bfloat16" for t in tensors if t.is_floating_point())  # (int64: pyvene's counters)
+    assert not list(demo_bundle.rglob("checkpoints")) and not list(demo_bundle.rglob("train.log"))
+    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "off"))
+    monkeypatch.setenv("HEFT_DEMO", "0")
+    engine = open_db(tmp_path / "off" / "heft.db")
+    assert study_import.import_bundled_demo(engine, demo_bundle) is None and service.list_runs_payload(engine) == []
+    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "on"))
+    monkeypatch.delenv("HEFT_DEMO")
+    engine = open_db(tmp_path / "on" / "heft.db")
+    assert study_import.import_bundled_demo(engine, demo_bundle) is not None
+    assert sorted(run["method"] for run in service.list_runs_payload(engine)) == ["base", "heft", "lora", "reft"]
+    asker = AskService(engine)
+    try:
+        answered = asker.answer(PASSAGE, QUESTION, service.ask_defaults(service.list_runs(engine, status="completed")))
+    finally:
+        asker.close()
+    assert sorted(a["slot"] for a in answered["answers"]) == ["base", "heft", "lora", "reft"]
+    assert all(a.get("answer") in ("yes", "no") for a in answered["answers"]), answered
