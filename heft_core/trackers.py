@@ -4,8 +4,10 @@
 ``config.report.report_to``: what it logs comes from the same events the registry records. The full
 config as hyperparameters; per step (at the registry's step number) ``train/loss``,
 ``train/learning_rate``, ``train/tokens_per_second``, ``train/epoch`` and ``train/stage`` (1 LoRA, 2 ReFT);
-per evaluation ``eval/accuracy`` with ``eval/accuracy_low``/``_high`` (95% Wilson), ``eval/yes_share`` and
-``eval/epoch`` (cumulative); at the end ``final/accuracy`` (and its interval), ``final/majority_accuracy``,
+per evaluation ``eval/accuracy`` with ``eval/accuracy_low``/``_high`` (95% Wilson; the evaluation's scoring),
+``eval/yes_share`` and ``eval/epoch`` (cumulative), plus ``eval/generation_accuracy`` (``_low``/``_high``) and
+``eval/unparsed`` when it was also scored by generation; at the end ``final/accuracy`` (the primary scoring's, and
+its interval), ``final/logits_accuracy``/``final/generation_accuracy`` for those computed, ``final/majority_accuracy``,
 ``final/trainable_params``, ``final/train_seconds`` and ``final/tokens_per_second``.
 
 Each tracker runs in its own daemon thread behind a queue, so a tracker never slows a training step;
@@ -296,6 +298,11 @@ class TrackerReporter(TrainerCallback):
                    "eval/epoch": event.cumulative_epoch}
         if getattr(event, "yes_share", None) is not None:
             metrics["eval/yes_share"] = event.yes_share
+        if event.generation_accuracy is not None:  # scored by generation too: each scoring under its own name
+            metrics.update({"eval/generation_accuracy": event.generation_accuracy,
+                            "eval/generation_accuracy_low": event.generation_low,
+                            "eval/generation_accuracy_high": event.generation_high,
+                            "eval/unparsed": float(event.unparsed or 0)})
         self._emit(metrics, self.step)
 
     def finish(self, result: Any = None, status: str | None = None) -> None:
@@ -312,6 +319,8 @@ class TrackerReporter(TrainerCallback):
                 "final/majority_accuracy": baseline.accuracy,
                 "final/trainable_params": sum(result.trainable_params.values()),
                 "final/train_seconds": result.train_seconds, "final/tokens_per_second": result.tokens_per_second,
+                # final/accuracy is the run's primary scoring (the config's "scoring"); each computed one by name
+                **{f"final/{name}_accuracy": values["accuracy"] for name, values in (result.accuracies or {}).items()},
             }, self.step)
         status = status or (result.status if result is not None else "failed")
         deadline = time.monotonic() + CLOSE_SECONDS

@@ -106,7 +106,8 @@ def test_a_run_reports_the_registrys_numbers_to_every_tracker(tiny_model, easy_d
     mlflow_uri = (tracker_homes / "mlruns").as_uri()
     report = ReportSettings(report_to=["trackio", "tensorboard", "wandb", "mlflow"], project="heft-tests",
                             wandb_mode="offline", mlflow_tracking_uri=mlflow_uri)
-    config = quick_config(tiny_model, "heft", name="tracked", report=report)
+    # scoring "both": the final evaluation is also scored by generation, logged under its own name
+    config = quick_config(tiny_model, "heft", name="tracked", report=report, scoring="both")
     run_dir = tracker_homes / "run"
     said: list[str] = []
 
@@ -136,6 +137,11 @@ def test_a_run_reports_the_registrys_numbers_to_every_tracker(tiny_model, easy_d
     assert [e.value for e in events.Scalars("eval/yes_share")] == [pytest.approx(e["yes_share"]) for e in evals]
     assert events.Scalars("final/accuracy")[0].value == pytest.approx(final["accuracy"])
     assert events.Scalars("final/trainable_params")[0].value == final["trainable_params"]
+    [generation] = [e for e in evals if e.get("generation_accuracy") is not None]  # the final evaluation only
+    assert [(e.step, e.value) for e in events.Scalars("eval/generation_accuracy")] == [
+        (eval_steps[-1], pytest.approx(generation["generation_accuracy"]))]
+    assert events.Scalars("final/generation_accuracy")[0].value == pytest.approx(generation["generation_accuracy"])
+    assert events.Scalars("final/logits_accuracy")[0].value == pytest.approx(final["accuracy"])
     assert "hparams" in events.PluginTagToContent("hparams") or events.PluginTagToContent("hparams")
 
     # MLflow: MlflowClient on the file store.
