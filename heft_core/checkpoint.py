@@ -23,7 +23,6 @@ Importing this module does not import torch (the app and the CLI read configs an
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from heft_common.errors import ConfigError
+from heft_common.hashing import file_sha256
 from heft_core.callbacks import EvalEvent, StepEvent
 
 logger = logging.getLogger(__name__)
@@ -274,13 +274,6 @@ def _write_bytes_atomically(target: Path, payload: bytes) -> None:
     _fsync_dir(target.parent)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _state_payload(checkpoint: Checkpoint) -> dict[str, Any]:
     return {
@@ -321,7 +314,7 @@ def save_checkpoint(
     files = {}
     for path in sorted(tmp.iterdir()):
         _fsync_file(path)
-        files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+        files[path.name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size}
     manifest = {
         "format": FORMAT_VERSION, "step": checkpoint.step, "stage": checkpoint.stage,
         "stage_epochs_done": checkpoint.stage_epochs_done, "batches_done": checkpoint.batches_done,
@@ -417,7 +410,7 @@ def verify_checkpoint(path: Path) -> tuple[dict[str, Any] | None, str]:
         size = file_path.stat().st_size
         if size != entry.get("bytes"):
             return None, f"{name} has {size} bytes, the manifest says {entry.get('bytes')} (truncated?)"
-        if _sha256(file_path) != entry.get("sha256"):
+        if file_sha256(file_path) != entry.get("sha256"):
             return None, f"{name} does not match its sha256 checksum"
     return manifest, ""
 

@@ -9,7 +9,6 @@ manifest does not list, or whose study did not finish. No Gradio, no SQL.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from heft_common.errors import ConfigError, StudyDirError
+from heft_common.hashing import file_sha256
 from heft_core.artifacts import FORMAT_VERSION as RUN_FORMAT_VERSION
 from heft_core.artifacts import RUN_FILE
 from heft_core.study import StudySpec
@@ -27,13 +27,6 @@ MANIFEST_FILE = "manifest.json"
 STUDY_FORMAT_VERSION = 1
 FINISHED = ("completed", "cancelled", "failed")  # an index entry in any other state: the study did not finish
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _covered_files(directory: Path) -> list[str]:
@@ -49,7 +42,7 @@ def write_manifest(directory: str | Path) -> Path:
     """Write ``manifest.json`` (format, run format, {file: sha256}) into a study directory; returns its path."""
     directory = Path(directory)
     payload = {"format": STUDY_FORMAT_VERSION, "run_format": RUN_FORMAT_VERSION,
-               "files": {name: _sha256(directory / name) for name in _covered_files(directory)}}
+               "files": {name: file_sha256(directory / name) for name in _covered_files(directory)}}
     temporary = directory / f".{MANIFEST_FILE}.tmp"
     temporary.write_text(json.dumps(payload, indent=2, sort_keys=True))
     os.replace(temporary, directory / MANIFEST_FILE)
@@ -88,7 +81,7 @@ def verify_study_dir(directory: str | Path) -> tuple[StudySpec, list[dict[str, A
             raise StudyDirError(f"{name}: {MANIFEST_FILE} names a file outside the directory ({relative})")
         if not path.is_file():
             raise StudyDirError(f"{name} is incomplete: {relative} is missing")
-        if _sha256(path) != expected:
+        if file_sha256(path) != expected:
             raise StudyDirError(f"{name}: {relative} was changed after the study was written (its sha256 differs "
                                 f"from {MANIFEST_FILE}'s)")
     extra = sorted(set(_covered_files(directory)) - set(listed))

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from heft_common.errors import ConfigError
+from heft_common.hashing import file_sha256
 from heft_core import checkpoint as ckpt
 from heft_core.callbacks import TrainerCallback
 from heft_core.config import LoraSettings, ReftSettings, StageSettings
@@ -269,7 +270,7 @@ def _rewrite_state(path: Path, change) -> None:
     (path / ckpt.STATE_FILE).write_text(json.dumps(state))
     manifest = json.loads((path / ckpt.MANIFEST_FILE).read_text())
     state_file = path / ckpt.STATE_FILE
-    manifest["files"][ckpt.STATE_FILE] = {"sha256": ckpt._sha256(state_file), "bytes": state_file.stat().st_size}
+    manifest["files"][ckpt.STATE_FILE] = {"sha256": file_sha256(state_file), "bytes": state_file.stat().st_size}
     (path / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
