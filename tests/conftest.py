@@ -21,6 +21,7 @@ os.environ.setdefault("HEFT_HOME", str(ROOT / ".heft_home" / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HEFT_NO_CALIBRATION", "1")  # no background calibration of the embedded model in UI tests
+os.environ.setdefault("HEFT_DEMO", "0")  # an app started by a test begins empty (the demo tests turn it on)
 
 from heft_core.data import DatasetSplits, Example  # noqa: E402  (after the environment above)
 from tests.tiny import make_tiny_model_dir  # noqa: E402
