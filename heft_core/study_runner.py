@@ -22,6 +22,7 @@ from heft_core.callbacks import TrainerCallback
 from heft_core.config import RunConfig
 from heft_core.study import PlannedRun, StudySpec, check_against_model
 from heft_core.study_report import SPEC_FILE, RunOutcome, StudyReport, study_report, write_report
+from heft_core.study_report.outcomes import SHARED_STAGE1_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,9 @@ def start_from_shared_stage1(source_dir: Path, config: RunConfig, run_dir: Path)
     point.config = config.to_dict()
     ckpt.clear_checkpoints(run_dir)
     ckpt.save_checkpoint(run_dir, point)
+    # Kept in the run directory, so a report built from the app's registry says so too (RunOutcome.from_run_dir).
+    Path(run_dir, SHARED_STAGE1_FILE).write_text(json.dumps({"from": Path(source_dir).name,
+                                                              "stage1_seconds": point.train_seconds}))
     return point.train_seconds
 
 

@@ -168,6 +168,13 @@ def test_a_study_through_the_api_and_the_worker_reports_the_stored_numbers(app_c
         assert arm["seeds_finished"] == 2 and arm["accuracy_mean"] == pytest.approx(sum(accuracies) / 2)
     assert {(c["a"], c["b"]) for c in report["contrasts"]} == {("HEFT 1+1", "LoRA 1")}
     assert all(c["verdict"] for c in report["contrasts"])
+    # Work done once: each HEFT run trained stage 2 on its seed's LoRA run (same stage 1), in the worker's path too.
+    lora_dirs = {r.seed: Path(r.artifact_dir).name for r in rows if r.method == "lora"}
+    for run in (r for r in rows if r.method == "heft"):
+        shared = json.loads((Path(run.artifact_dir) / "shared_stage1.json").read_text())
+        assert shared["from"] == lora_dirs[run.seed] and shared["stage1_seconds"] > 0
+        assert by_id[run.id]["stage1_from"] == lora_dirs[run.seed]
+        assert "training stage 2 only" in (Path(run.artifact_dir) / "train.log").read_text()
 
     # The report directory under the data home, and its zip, hold the tables, charts and predictions.
     directory = Path(report["report_dir"])

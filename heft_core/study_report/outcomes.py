@@ -12,6 +12,8 @@ from heft_common.errors import RunLoadError
 from heft_core.artifacts import load_run
 from heft_core.study import grid_key
 
+SHARED_STAGE1_FILE = "shared_stage1.json"  # in a HEFT run's directory: whose stage 1 it trained on (and its seconds)
+
 
 @dataclass
 class RunOutcome:
@@ -91,6 +93,10 @@ class RunOutcome:
             )
         result = run.meta.get("result", {})
         config = run.meta.get("config", {})
+        shared_file = Path(path, SHARED_STAGE1_FILE)
+        if shared_stage1_from is None and shared_file.is_file():  # shared by the app's worker (app.child)
+            shared = json.loads(shared_file.read_text())
+            shared_stage1_from, shared_stage1_seconds = shared.get("from"), shared.get("stage1_seconds")
         return cls(
             arm,
             seed,
