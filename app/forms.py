@@ -292,9 +292,9 @@ def _preset_values(name: str) -> dict[str, Any]:
             "precision": "bf16" if cpu_has_native_bf16() else "auto",
         }
     if name in (PRESET_PAPER, PRESET_PAPER_ALL_LINEAR):
-        # arXiv 2509.09801, sections 3.2-3.4 and its appendix's script: heft_core.study.paper_options is the one
+        # arXiv 2509.09801, sections 3.2-3.4 and its appendix's script: heft_core.study_presets.paper_options is the one
         # place the recipe is written down; the form takes every option it has fields for.
-        from heft_core.study import paper_options
+        from heft_core.study_presets import paper_options
 
         reading = "code" if name == PRESET_PAPER else "text"
         values = {key: _form_value(value) for key, value in paper_options(PAPER_MODEL, lora_targets=reading).items()

@@ -24,7 +24,7 @@ from app.permissions import ANONYMOUS, Action, Actor
 from heft_common.errors import ConfigError, HeftError
 from heft_common.home import data_home
 from heft_common.vocabulary import ACTIVE_STATUSES, EMBEDDED_MODEL, TERMINAL_STATUSES
-from heft_core import stats
+from heft_core import stats, study_presets
 from heft_core import study as study_lib
 from heft_core.study import StudySpec
 from heft_core.study_report import RunOutcome, StudyReport, study_report, write_report
@@ -33,7 +33,7 @@ from storage.models import Run, Study
 
 logger = logging.getLogger(__name__)
 
-PRESET_TITLES = list(study_lib.PRESET_TITLES.values())
+PRESET_TITLES = list(study_presets.PRESET_TITLES.values())
 STUDIES_SUBDIR = "studies"
 REPORT_SUBDIR = "report"
 CHARTS_SHOWN = ("accuracy_vs_epochs.png", "frontier_flops.png", "frontier_wall_seconds.png", "accuracy_by_arm.png")
@@ -44,7 +44,7 @@ CHARTS_SHOWN = ("accuracy_vs_epochs.png", "frontier_flops.png", "frontier_wall_s
 
 def preset_text(title: str) -> str:
     """The preset's spec as YAML, to edit before launch."""
-    return study_lib.preset(title).to_yaml()
+    return study_presets.preset(title).to_yaml()
 
 
 def parse_spec(text: str) -> StudySpec:
@@ -108,7 +108,7 @@ def default_preset_title() -> str:
     """The preset the Studies tab opens on: the CPU one on a machine without a GPU."""
     from heft_core.calibration import has_gpu
 
-    return PRESET_TITLES[0] if has_gpu() else study_lib.PRESET_TITLES["cpu-boolq"]
+    return PRESET_TITLES[0] if has_gpu() else study_presets.PRESET_TITLES["cpu-boolq"]
 
 
 def start_calibration(text: str) -> bool:

@@ -1,8 +1,8 @@
 """The paper's Table 1 at a chosen scale, as a study: a thin caller of ``heft_core.study``.
 
-It builds the "Paper table" preset (``heft_core.study.paper_table``: base, ReFT 0+20, LoRA 20+0,
+It builds the "Paper table" preset (``heft_core.study_presets.paper_table``: base, ReFT 0+20, LoRA 20+0,
 HEFT 3+3 and HEFT 20+20, LoRA epochs + ReFT epochs, with the paper's own recipe from its sections
-3.2-3.4 and appendix script: ``heft_core.study.paper_options``) from the flags below and trains it
+3.2-3.4 and appendix script: ``heft_core.study_presets.paper_options``) from the flags below and trains it
 with ``heft_core.study_runner.run_study_in_process``, exactly as ``python -m heft_core study`` does:
 one implementation of orchestration and statistics for the app, the CLI and this benchmark.
 The output directory is a study directory (``results.md`` / ``.csv`` / ``.json``, charts,
@@ -34,7 +34,8 @@ from typing import Any, Sequence
 import yaml
 
 from heft_core.data import LOCAL_BOOLQ, local_boolq_dir
-from heft_core.study import PAPER_TABLE_1, StudySpec, paper_table
+from heft_core.study import StudySpec
+from heft_core.study_presets import PAPER_TABLE_1, paper_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,7 +113,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def build_spec(args: argparse.Namespace) -> StudySpec:
-    """The "Paper table" preset with the flags' settings (``heft_core.study.paper_table``)."""
+    """The "Paper table" preset with the flags' settings (``heft_core.study_presets.paper_table``)."""
     options: dict[str, Any] = {option: getattr(args, flag) for flag, option in OPTION_FLAGS.items()
                                if getattr(args, flag) is not None}
     for flag, option in STAGE_FLAGS.items():

@@ -346,11 +346,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
-    from heft_core import study, study_runner
+    from heft_core import study, study_presets, study_runner
 
     if bool(args.spec) == bool(args.preset):
         raise ConfigError("spec", "give a study spec file or --preset NAME (one of them)")
-    spec = study.StudySpec.from_file(args.spec) if args.spec else study.preset(args.preset)
+    spec = study.StudySpec.from_file(args.spec) if args.spec else study_presets.preset(args.preset)
     if args.print_spec:
         print(spec.to_yaml() + f"# {spec.run_count} planned runs")
         return 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench import gpu_check, reproduce, throughput
-from heft_core.study import paper_table
+from heft_core.study_presets import paper_table
 
 
 def test_reference_batches_match_the_real_collators(tiny_model):

@@ -7,12 +7,11 @@ import html
 import pytest
 
 from app import studies, timing
-from heft_core import calibration
-from heft_core import study as study_lib
+from heft_core import calibration, study_presets
 from heft_core.calibration import Calibration, TokenCounts
 from heft_core.study import StudySpec
 
-CPU_TITLE = study_lib.PRESET_TITLES["cpu-boolq"]
+CPU_TITLE = study_presets.PRESET_TITLES["cpu-boolq"]
 
 
 def _calibration(**overrides) -> Calibration:
@@ -26,8 +25,9 @@ def test_a_study_estimate_follows_from_the_measured_rates(monkeypatch) -> None:
     from heft_core import models
 
     monkeypatch.setattr(models, "needs_conversion", lambda ref: False)
-    spec = StudySpec.from_dict({**study_lib.preset("cpu-boolq").to_dict(), "base": {
-        **study_lib.preset("cpu-boolq").to_dict()["base"], "data": "synthetic", "train_size": 400, "eval_size": 100}})
+    cpu = study_presets.preset("cpu-boolq").to_dict()
+    base = {**cpu["base"], "data": "synthetic", "train_size": 400, "eval_size": 100}
+    spec = StudySpec.from_dict({**cpu, "base": base})
     tokens = TokenCounts(train_rows=400, train_tokens=400 * 150, eval_rows=100, eval_tokens=100 * 160)
     rates = timing.rates_from_calibration(_calibration())
     summary = studies.plan_summary(spec, None, tokens, rates)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from heft_core.study import (
+from heft_core.study import StudySpec
+from heft_core.study_presets import (
     PAPER_MODEL,
     PAPER_TABLE_1,
-    StudySpec,
     paper_options,
     paper_reft_layer,
     paper_table,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from heft_core.study import preset
+from heft_core.study_presets import preset
 from tests.servers import BROWSER_ARGS, BROWSER_MARKS, CHROMIUM
 
 pytestmark = BROWSER_MARKS

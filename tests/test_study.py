@@ -14,16 +14,8 @@ from statsmodels.stats.proportion import proportion_confint
 
 from heft_common.errors import ConfigError
 from heft_core import study_runner
-from heft_core.study import (
-    StudyArm,
-    StudySpec,
-    cpu_learns_on_boolq,
-    dotted_options,
-    equal_budget,
-    evaluation_warning,
-    paper_table,
-    preset,
-)
+from heft_core.study import StudyArm, StudySpec, dotted_options, evaluation_warning
+from heft_core.study_presets import cpu_learns_on_boolq, equal_budget, paper_table, preset
 from heft_core.study_report import CHART_FILES, RunOutcome, study_report, training_flops
 from storage import queries
 from storage.db import open_db

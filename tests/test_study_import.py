@@ -230,12 +230,12 @@ def test_the_bundled_demo_is_imported_once_per_data_home_unless_heft_demo_is_0(s
 def demo_bundle(tmp_path_factory, tiny_model, easy_data) -> Path:
     """The bundled demo's shape on the tiny Llama: the cpu-demo preset's four arms (HEFT's stage 1 the LoRA run's,
     kept as an adapter), trained by the runner, then made small by ``heft_core.study_bundle``."""
-    from heft_core import study as study_lib
+    from heft_core import study_presets
     from heft_core.study_bundle import bundle_study
 
     root = tmp_path_factory.mktemp("demo-bundle")
     data_dir = write_jsonl_splits(root / "data", easy_data)
-    spec = study_lib.cpu_demo(reft_epochs=1).to_dict()
+    spec = study_presets.cpu_demo(reft_epochs=1).to_dict()
     spec["arms"] = [{"method": "base"}, {"method": "lora", "lora_epochs": 1}, {"method": "reft", "reft_epochs": 1},
                     {"method": "heft", "lora_epochs": 1, "reft_epochs": 1}]
     spec["base"].update({"model": tiny_model, "data": str(data_dir), "train_size": 16, "eval_size": 16,

@@ -1,7 +1,8 @@
 """The study report with both scorings and the paper's column, from hand-written outcomes in the stored schema."""
 from __future__ import annotations
 
-from heft_core.study import StudyArm, StudySpec, paper_table
+from heft_core.study import StudyArm, StudySpec
+from heft_core.study_presets import paper_table
 from heft_core.study_report import RunOutcome, study_report
 
 

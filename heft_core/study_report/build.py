@@ -11,7 +11,8 @@ from heft_common.errors import HeftError
 from heft_common.vocabulary import METHOD_TITLES
 from heft_core import stats
 from heft_core.data import data_label
-from heft_core.study import TYPICAL_DISCORDANCE, PlannedRun, StudyArm, StudySpec, grid_key, grid_label, paper_row
+from heft_core.study import TYPICAL_DISCORDANCE, PlannedRun, StudyArm, StudySpec, grid_key, grid_label
+from heft_core.study_presets import paper_row
 from heft_core.study_report.costs import decoder_shape, tokens_by_stage, training_flops
 from heft_core.study_report.outcomes import RunOutcome
 from heft_core.study_report.rows import ArmRow, ContrastRow, RunRow, SeedTest, StudyReport

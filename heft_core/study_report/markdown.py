@@ -277,7 +277,7 @@ def _other_scoring(run: RunRow, other: str) -> list[str]:
 
 def _paper_section(report: StudyReport) -> list[str]:
     """The paper's Table 1 beside ours: its accuracy and h:mm per row, ours by each scoring and in h:mm."""
-    from heft_core.study import PAPER_QUESTIONS
+    from heft_core.study_presets import PAPER_QUESTIONS
 
     lines = [
         "",
