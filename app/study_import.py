@@ -103,7 +103,8 @@ def import_study_payload(engine: Any, zip_path: Any, actor: Actor | None = ANONY
 
 DEMO_ENV = "HEFT_DEMO"
 DEMO_DIR_ENV = "HEFT_DEMO_DIR"
-# The trained demo study (a study directory with its manifest, weights in bf16 safetensors; app/demo_study/README.md).
+# The trained demo study (a study directory with its manifest, weights in bf16 safetensors; how to rebuild it:
+# the README, "Hugging Face Space").
 DEFAULT_DEMO_DIR = Path(__file__).resolve().parent / "demo_study"
 DEMO_MARKER = "demo-imported"  # in the data home: the demo was imported here once
 
