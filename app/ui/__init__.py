@@ -57,8 +57,11 @@ def _public_header(rules: Any) -> None:
 
 
 def launch_kwargs() -> dict[str, Any]:
-    """theme and css go to launch() in Gradio 6."""
-    return {"theme": THEME, "css": CSS}
+    """theme and css go to launch() in Gradio 6; the study reports' charts live under the data home, which is
+    neither the working directory nor the temp directory that Gradio serves files from by default."""
+    from heft_common.home import data_home
+
+    return {"theme": THEME, "css": CSS, "allowed_paths": [str(data_home() / "studies")]}
 
 
 def _warm(model_ref: str) -> None:
