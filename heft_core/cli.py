@@ -21,6 +21,7 @@ from heft_core import stats
 from heft_core.artifacts import load_run
 from heft_core.callbacks import TrainerCallback
 from heft_core.config import RunConfig
+from heft_core.study_presets import PRESETS
 
 logger = logging.getLogger("heft_core")
 
@@ -184,9 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "charts, predictions and the spec into --out.",
     )
     study.add_argument("spec", nargs="?", help="study spec file (YAML or JSON); or use --preset")
-    study.add_argument("--preset", help="start from a preset instead: paper-table, equal-budget or cpu-boolq")
+    study.add_argument("--preset", help="start from a preset instead: " + ", ".join(PRESETS))
     study.add_argument("--out", help="study directory to write (one zip-able directory)")
-    study.add_argument("--resume", action="store_true", help="reuse runs finished in --out with the same settings")
+    study.add_argument("--resume", action="store_true",
+                       help="reuse runs finished in --out with the same settings; continue a run stopped part-way "
+                            "from its checkpoint")
     study.add_argument("--print-spec", action="store_true", help="print the spec as YAML and its run count; stop")
     study.add_argument("--no-progress", action="store_true", help="no progress bars")
     report = sub.add_parser("study-report", help="print the report of a study directory written by `study`")

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 STUDY_INDEX_FILE = "study.json"
 RUNS_SUBDIR = "runs"
+WALL_FILE = "study_wall.json"  # a run's wall seconds over all its attempts (a study continued after a stop)
+WALL_WRITE_SECONDS = 30.0
 
 
 def _write_index(directory: Path, spec: StudySpec, entries: Sequence[Mapping[str, Any]]) -> None:
@@ -85,6 +87,65 @@ class _StepBar(TrainerCallback):
             self.bar.close()
 
 
+class _WallClock(TrainerCallback):
+    """The run's wall time over every attempt, kept in its directory every ~30 s: a study stopped by a
+    kill (no ``finally`` runs) and continued later still reports the time its runs took, not the last part."""
+
+    def __init__(self, run_dir: Path, before: float):
+        self.path = run_dir / WALL_FILE
+        self.before = before
+        self.started = time.perf_counter()
+        self.written = self.started
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.started
+
+    def write(self) -> None:
+        self.written = time.perf_counter()
+        self.path.write_text(json.dumps({"wall_seconds": round(self.elapsed(), 1)}))
+
+    def on_step(self, event: Any) -> None:
+        if time.perf_counter() - self.written >= WALL_WRITE_SECONDS:
+            self.write()
+
+    def on_evaluate(self, event: Any) -> None:
+        self.write()
+
+
+def _earlier_wall_seconds(run_dir: Path) -> float:
+    try:
+        return float(json.loads((run_dir / WALL_FILE).read_text())["wall_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def _resumable(run_dir: Path, config: RunConfig) -> bool:
+    """True when ``run_dir`` holds a checkpoint written for exactly this run's settings (an attempt that was
+    stopped part-way): a study continued with ``--resume`` goes on from it instead of training from step 0."""
+    from heft_core import checkpoint as ckpt
+
+    if not ckpt.checkpoints_dir(run_dir).is_dir():
+        return False
+    checkpoint, _ = ckpt.load_latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return False
+    try:
+        ckpt.check_config(checkpoint.config, config.to_dict())
+    except ConfigError as exc:
+        logger.info("%s: its checkpoint is for other settings (%s); training it from the start", run_dir.name, exc)
+        return False
+    return True
+
+
+def _shared_stage1_of(run_dir: Path) -> tuple[str, float] | None:
+    """The LoRA run whose stage 1 an interrupted HEFT run started from (``start_from_shared_stage1``'s file)."""
+    try:
+        shared = json.loads((run_dir / SHARED_STAGE1_FILE).read_text())
+        return f"{RUNS_SUBDIR}/{shared['from']}", float(shared["stage1_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _same_settings(recorded: Mapping[str, Any], planned: RunConfig) -> bool:
     from heft_core.data import LOCAL_BOOLQ, local_boolq_dir
 
@@ -122,29 +183,33 @@ def start_from_shared_stage1(source_dir: Path, config: RunConfig, run_dir: Path)
 
 
 def _train_planned(
-    run: PlannedRun, run_dir: Path, splits: Any, train_examples: int, progress: bool, resume: bool = False
+    run: PlannedRun, run_dir: Path, splits: Any, train_examples: int, progress: bool, resume: bool = False,
+    wall_before: float = 0.0,
 ) -> RunOutcome:
-    """Train one planned run into ``run_dir``; a failure becomes a failed outcome with its error."""
+    """Train one planned run into ``run_dir``; a failure becomes a failed outcome with its error.
+    ``wall_before``: the wall seconds earlier attempts of a resumed run took."""
     from heft_core.train import train
 
     step_bar = _StepBar(progress, f"{run.arm} s{run.seed}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    clock = _WallClock(run_dir, wall_before)
     cell = {"arm": run.arm, "seed": run.seed, "grid_point": run.grid_point, "method": run.method}
-    started = time.perf_counter()
     try:
-        result = train(run.config, run_dir, callbacks=[step_bar], data=splits, resume=resume)
+        result = train(run.config, run_dir, callbacks=[step_bar, clock], data=splits, resume=resume)
     except Exception as exc:  # one failed run must not end the study; the report names it
         if isinstance(exc, HeftError):
             logger.error("%s failed: %s", run.config.name, exc)
         else:
             logger.exception("%s failed", run.config.name)
         return RunOutcome(
-            **cell, status="failed", run_dir=str(run_dir), wall_seconds=time.perf_counter() - started,
+            **cell, status="failed", run_dir=str(run_dir), wall_seconds=clock.elapsed(),
             train_examples=train_examples, error=f"{type(exc).__name__}: {exc}",
         )
     finally:
         step_bar.close()
+        clock.write()
     return RunOutcome.from_run_dir(
-        run_dir, **cell, status=result.status, wall_seconds=time.perf_counter() - started, train_examples=train_examples
+        run_dir, **cell, status=result.status, wall_seconds=clock.elapsed(), train_examples=train_examples
     )
 
 
@@ -163,7 +228,8 @@ def run_study_in_process(
     and each run's status, rewritten after every run), ``runs/<NNN-arm-sSEED>/`` run
     directories, and the report files of :func:`write_report`. A run that fails is recorded
     with its error and the study goes on; the report says what is missing. ``resume`` reuses
-    runs an earlier call finished in ``out_dir`` with the same settings. ``data`` (a
+    runs an earlier call finished in ``out_dir`` with the same settings and continues a run it stopped
+    part-way from that run's latest checkpoint (wall seconds add up over the attempts). ``data`` (a
     ``heft_core.data.DatasetSplits``) replaces loading the spec's data source.
     """
     from heft_core import data as data_lib
@@ -211,13 +277,22 @@ def run_study_in_process(
                 if bar is not None:
                     bar.set_postfix_str(f"{run.arm}, seed {run.seed}")
                 shared = None
+                continued = resume and _resumable(run_dir, run.config)  # stopped part-way: go on from there
                 source = outcomes[run.stage1_from] if run.stage1_from is not None else None
-                if source is not None and source.finished:
+                if continued:
+                    logger.info("%s: continuing from its checkpoint in %s", run.config.name, run_dir)
+                    if (earlier_share := _shared_stage1_of(run_dir)) is not None:
+                        entry.update(stage1_from=earlier_share[0], stage1_seconds=earlier_share[1])
+                elif source is not None and source.finished:
                     shared = start_from_shared_stage1(out / entries[run.stage1_from]["run_dir"], run.config, run_dir)
                     if shared is not None:
                         logger.info("%s: stage 1 is %s's finished LoRA; training stage 2 only", run.config.name,
                                     source.arm)
-                outcome = _train_planned(run, run_dir, splits, train_examples, progress, resume=shared is not None)
+                if not continued:
+                    (run_dir / WALL_FILE).unlink(missing_ok=True)  # a fresh start counts from zero
+                outcome = _train_planned(run, run_dir, splits, train_examples, progress,
+                                         resume=continued or shared is not None,
+                                         wall_before=_earlier_wall_seconds(run_dir))
                 if shared is not None:
                     entry.update(stage1_from=entries[run.stage1_from]["run_dir"], stage1_seconds=shared)
             if entry.get("stage1_from"):

@@ -64,3 +64,64 @@ def test_heft_trains_stage_2_on_the_lora_arms_run_and_ends_as_with_its_own_stage
     again = run_study_in_process(spec, out, progress=False, data=easy_data, resamples=100, resume=True)
     assert len(stages) == trained == 6  # resumed: nothing trained again
     assert next(r for r in again.runs if r.arm == "HEFT 1+1").stage1_from == plan[0].dir_name
+
+
+def test_a_study_stopped_part_way_continues_each_run_from_its_checkpoint(
+    tiny_model, easy_data, tmp_path, monkeypatch
+) -> None:
+    """``study --resume`` after a stop (Ctrl-C here; a kill works the same, the checkpoints are on disk) goes on
+    from the interrupted run's checkpoint: the HEFT run that started from the LoRA run's stage 1 keeps that
+    sharing, trains only what it had not, and ends with the weights and answers of an uninterrupted run."""
+    import pytest
+
+    from heft_core import study_runner
+    from heft_core import train as train_lib
+
+    spec = StudySpec.from_dict({
+        "name": "stopped", "seeds": [5],
+        "arms": [{"method": "lora", "lora_epochs": 1}, {"method": "heft", "lora_epochs": 1, "reft_epochs": 2}],
+        "base": {
+            "model": tiny_model, "data": "test:easy", "train_size": 16, "eval_size": 16, "max_length": 48,
+            "precision": "no", "reft.layers": [1, 2], "reft.positions": "l1", "lora_stage.batch_size": 8,
+            "reft_stage.batch_size": 8, "lora_stage.learning_rate": 3e-3, "reft_stage.learning_rate": 3e-3,
+        },
+    })
+    plan = spec.plan()
+    heft = plan[1].config
+    original_step = study_runner._StepBar.on_step
+
+    def stop_in_the_second_reft_epoch(self, event):
+        original_step(self, event)
+        if event.stage == "reft" and event.epoch > 1.0:  # after the first ReFT epoch's checkpoint
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_runner._StepBar, "on_step", stop_in_the_second_reft_epoch)
+    out = tmp_path / "study"
+    with pytest.raises(KeyboardInterrupt):
+        run_study_in_process(spec, out, progress=False, data=easy_data, resamples=100)
+    heft_dir = out / "runs" / plan[1].dir_name
+    assert not (heft_dir / "run.json").exists() and (heft_dir / study_runner.WALL_FILE).exists()
+    monkeypatch.setattr(study_runner._StepBar, "on_step", original_step)
+
+    stages: list[tuple[str, str]] = []
+    resumed_from: list[int] = []
+    original_stage = train_lib._Trainer.run_stage
+
+    def counting(self, stage, model, settings):
+        stages.append((self.config.name, stage))
+        if self.resume_from is not None:
+            resumed_from.append(self.resume_from.step)
+        return original_stage(self, stage, model, settings)
+
+    monkeypatch.setattr(train_lib._Trainer, "run_stage", counting)
+    report = run_study_in_process(spec, out, progress=False, data=easy_data, resamples=100, resume=True)
+    assert stages == [(heft.name, "reft")]  # the LoRA run is finished; HEFT's stage 1 is still the shared one
+    assert resumed_from and resumed_from[0] > 2  # from its ReFT checkpoint, not from the stage boundary
+
+    alone = tmp_path / "alone"
+    train_lib.train(heft, alone, data=easy_data)
+    assert _predictions(heft_dir) == _predictions(alone)
+    mine, theirs = _tensors(heft_dir), _tensors(alone)
+    assert mine.keys() == theirs.keys() and all((mine[name] == theirs[name]).all() for name in mine)
+    row = next(r for r in report.runs if r.arm == plan[1].arm)
+    assert row.stage1_from == plan[0].dir_name and row.wall_seconds > 0
