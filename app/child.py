@@ -18,11 +18,11 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
 
 from app.launch import process_rank, supervised_by
 from app.logs import ERROR_FILE
 from app.recording import DatabaseCallback
+from app.shared_stages import start_from_shared_stage1
 from heft_common.errors import HeftError
 from heft_core.callbacks import TrainerCallback
 from storage import queries
@@ -75,29 +75,6 @@ def _exit_with_parent(parent_pid: int, interval: float = 1.0) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def _start_from_shared_stage1(engine: Any, record: Any, config: Any, out: Path, callback: Any) -> bool:
-    """A study's HEFT run whose stage 1 equals a completed LoRA run's of the same study (``heft_core.study.
-    stage1_key``: seed, data, settings, schedule) starts at stage 2 from that run's final stage-1 checkpoint, as
-    the CLI's study runner does; True when it does (the run then resumes from it)."""
-    from heft_core.config import RunConfig
-    from heft_core.study import stage1_key
-    from heft_core.study_runner import start_from_shared_stage1
-
-    # (several processes would each write the checkpoint: such a run trains its own stage 1)
-    if record.study_id is None or config.method != "heft" or config.processes > 1:
-        return False
-    key = stage1_key(config)
-    for source in queries.study_runs(engine, record.study_id):
-        if source.method != "lora" or source.status != "completed" or not source.artifact_dir:
-            continue
-        if stage1_key(RunConfig.from_dict(source.config)) != key:
-            continue
-        if start_from_shared_stage1(Path(source.artifact_dir), config, out) is not None:
-            callback.on_log(f"stage 1 is run #{source.id}'s finished LoRA ({source.name}); training stage 2 only")
-            return True
-    return False
-
-
 def run(run_id: int, db_path: str) -> int:
     # The engine (torch, transformers) loads here, after the parent watch is running.
     from heft_core.config import RunConfig
@@ -115,7 +92,10 @@ def run(run_id: int, db_path: str) -> int:
         config = RunConfig.from_dict(record.config)
         # A run put back in the queue by Resume continues from its checkpoint; a new one starts clean, unless it
         # is a study's HEFT run whose stage 1 an earlier LoRA run of the study already trained.
-        resume = bool(record.resumes) or _start_from_shared_stage1(engine, record, config, out, callback)
+        resume = bool(record.resumes)
+        if not resume and (shared := start_from_shared_stage1(engine, record, out)) is not None:
+            callback.on_log(shared)
+            resume = True
         result = train(config, out, callbacks=[callback, stopper], resume=resume)
         callback.flush()
         if stopper.requested and result.status == "cancelled":  # ended by SIGTERM, not by the user's cancel

@@ -33,6 +33,7 @@ from app.launch import device_label
 from app.logs import LOG_FILE, log_tail
 from app.ray_task import RunChannel, pack_run_dir, train_run, unpack_checkpoint, unpack_run_dir
 from app.recording import DatabaseCallback, run_results
+from app.shared_stages import start_from_shared_stage1
 from heft_common.errors import HeftError
 from heft_common.home import data_home
 from heft_common.vocabulary import RunStatus
@@ -290,6 +291,11 @@ class RayExecutor:
             return
         task = self._gpu_task if gpus > 0 else self._cpu_task
         resume = bool(run.resumes)
+        shared = None if resume else start_from_shared_stage1(engine, run, run_dir)
+        if shared is not None:  # a study's HEFT run: stage 1 is a finished LoRA run's; ship its checkpoint
+            with open(run_dir / LOG_FILE, "a", encoding="utf-8") as log:
+                log.write(shared + "\n")
+            resume = True
         # A resumed run takes its directory (its checkpoints) along to whichever node gets it.
         archive = pack_run_dir(run_dir) if resume and any(run_dir.iterdir()) else None
         ref = task.options(**options).remote(run.id, run.config, self.channel, processes, self.channel_name, NAMESPACE,

@@ -40,6 +40,7 @@ from app.ray_executor import (
     write_health,
 )
 from app.recording import run_results
+from app.shared_stages import waits_for_shared_stage1
 from heft_common.errors import StoreError
 from heft_common.home import data_home, database_path, runs_dir
 from heft_common.process import oom_kill_count, worker_identity
@@ -205,7 +206,7 @@ class Worker:
             if now - self._last_health >= HEALTH_SECONDS:
                 self._write_health()
             while self.executor.has_room():
-                claimed = queries.claim_next_run(self.engine, os.getpid(), worker_id=self.worker_id)
+                claimed = queries.claim_next_run(self.engine, os.getpid(), worker_id=self.worker_id, waits=self._waits)
                 if claimed is None:
                     break
                 self.executor.submit(self.engine, claimed, self._prepare_run_dir(claimed))
@@ -218,12 +219,12 @@ class Worker:
             self._start(self._held, free[:needed])
             free, self._held = free[needed:], None
         while free:
-            upcoming = queries.next_queued_run(self.engine)
+            upcoming = queries.next_queued_run(self.engine, waits=self._waits)
             if upcoming is None:
                 break
             if len(free) < self._slots_needed(upcoming) <= len(self.slots):
                 break  # the oldest run waits for enough GPU slots; later runs wait behind it
-            claimed = queries.claim_next_run(self.engine, os.getpid(), worker_id=self.worker_id)
+            claimed = queries.claim_next_run(self.engine, os.getpid(), worker_id=self.worker_id, waits=self._waits)
             if claimed is None:
                 break
             needed = self._slots_needed(claimed)  # another worker may have taken `upcoming` first
@@ -238,6 +239,10 @@ class Worker:
                 break
             self._start(claimed, free[:needed])
             free = free[needed:]
+
+    def _waits(self, run: Run) -> bool:
+        """A queued run that must not start yet: a study's HEFT run whose LoRA twin still trains its stage 1."""
+        return waits_for_shared_stage1(self.engine, run)
 
     def _slots_needed(self, run: Run) -> int:
         """GPU slots a run takes: one per process on a GPU machine; the one CPU slot otherwise."""

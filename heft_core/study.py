@@ -595,20 +595,23 @@ def stage1_key(config: RunConfig) -> str | None:
 
 
 def share_stage1(runs: Sequence[PlannedRun]) -> None:
-    """Point each HEFT run at an earlier LoRA run with the same stage 1 (``stage1_from``), and make that LoRA run
-    keep its epoch-end checkpoints: HEFT's stage 2 then starts from its final one (``heft_core.shared_stages``)."""
+    """Point each HEFT run at an earlier LoRA run with the same stage 1 (``stage1_from``: the CLI trains the plan in
+    order), and make every LoRA run whose stage 1 a HEFT run has, earlier or later in the plan, keep its epoch-end
+    checkpoints: HEFT's stage 2 then starts from its final one (``heft_core.study_runner.start_from_shared_stage1``;
+    the app's worker shares with a LoRA run anywhere in the study, ``app.shared_stages``)."""
+    keys = {run.index: stage1_key(run.config) for run in runs}
+    wanted = {keys[run.index] for run in runs if run.method == "heft" and keys[run.index] is not None}
     sources: dict[str, PlannedRun] = {}
     for run in runs:
-        key = stage1_key(run.config)
+        key = keys[run.index]
         if key is None:
             continue
         if run.method == "lora":
             sources.setdefault(key, run)
+            if key in wanted and not run.config.keep_epoch_checkpoints:
+                run.config = dataclasses.replace(run.config, keep_epoch_checkpoints=True)
         elif run.method == "heft" and key in sources:
-            source = sources[key]
-            run.stage1_from = source.index
-            if not source.config.keep_epoch_checkpoints:
-                source.config = dataclasses.replace(source.config, keep_epoch_checkpoints=True)
+            run.stage1_from = sources[key].index
 
 
 class _SpecLoader(yaml.SafeLoader):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -34,6 +34,8 @@ from storage.models import Run, utcnow
 from storage.orphans import _ORPHAN_COLUMNS, STALE_AFTER_S, _finish_if_orphaned
 
 log = logging.getLogger(__name__)
+
+WaitRule = Callable[[Run], bool]  # True: this queued run must wait (claim_next_run passes it over)
 
 REQUEUE_SUFFIX = " (re-queued)"
 FAILURE_KINDS: frozenset[str] = frozenset({"bad_input", "crash"})
@@ -177,29 +179,25 @@ def list_runs(
     return _resolved(runs)
 
 
-def claim_next_run(engine: Engine, worker_pid: int, worker_id: Optional[str] = None) -> Optional[Run]:
+def claim_next_run(
+    engine: Engine, worker_pid: int, worker_id: Optional[str] = None, *, waits: Optional[WaitRule] = None,
+) -> Optional[Run]:
     """Atomically take the oldest queued run for this worker; None if the queue is empty.
 
     ``worker_id`` (heft_common.process.worker_identity) is what the orphan check goes by; the
-    bare ``worker_pid`` is kept for display and for rows written without an id.
+    bare ``worker_pid`` is kept for display and for rows written without an id. ``waits`` says of a
+    queued run that it must wait (a study's HEFT run whose stage 1 another run is still training,
+    ``app.shared_stages``): such runs are passed over, the next one is taken.
 
     The claim is one ``UPDATE ... WHERE id=? AND status='queued'``; if another worker got
     there first (rowcount 0) the next candidate is tried, so a run is never taken twice.
     """
-    while True:
+    for candidate in _claimable(engine, waits):
+        now = utcnow()
         with engine.connect() as conn:
-            candidate = conn.execute(
-                select(_RUN.c.id)
-                .where(_RUN.c.status == RunStatus.QUEUED.value)
-                .order_by(_RUN.c.id)
-                .limit(1)
-            ).scalar()
-            if candidate is None:
-                return None
-            now = utcnow()
             result = conn.execute(
                 update(_RUN)
-                .where(_RUN.c.id == candidate, _RUN.c.status == RunStatus.QUEUED.value)
+                .where(_RUN.c.id == candidate.id, _RUN.c.status == RunStatus.QUEUED.value)
                 .values(
                     status=RunStatus.RUNNING.value,
                     started_at=now,
@@ -210,10 +208,19 @@ def claim_next_run(engine: Engine, worker_pid: int, worker_id: Optional[str] = N
             )
             conn.commit()
         if result.rowcount == 1:
-            log.info("Worker %d claimed run %d", worker_pid, candidate)
-            return get_run(engine, candidate)
-        log.debug("Run %d was claimed by another worker; trying the next one", candidate)
+            log.info("Worker %d claimed run %d", worker_pid, candidate.id)
+            return get_run(engine, candidate.id)
+        log.debug("Run %d was claimed by another worker; trying the next one", candidate.id)
+    return None
 
+
+def _claimable(engine: Engine, waits: Optional[WaitRule]) -> list[Run]:
+    """The queued runs, oldest first, but those ``waits`` holds back."""
+    stmt = select(Run).where(col(Run.status) == RunStatus.QUEUED.value).order_by(col(Run.id))
+    with _detached_session(engine) as sess:
+        runs = list(sess.scalars(stmt))
+        sess.expunge_all()
+    return [run for run in runs if waits is None or not waits(run)]
 
 
 def set_child_pid(engine: Engine, run_id: int, pid: Optional[int]) -> bool:
@@ -267,14 +274,10 @@ def set_run_placement(engine: Engine, run_id: int, *, executor: str, node: Optio
     return _update_run(engine, validate_run_id(run_id), **values)
 
 
-def next_queued_run(engine: Engine) -> Optional[Run]:
-    """The run :func:`claim_next_run` would take now (the oldest queued one), without claiming it."""
-    stmt = select(Run).where(col(Run.status) == RunStatus.QUEUED.value).order_by(col(Run.id)).limit(1)
-    with _detached_session(engine) as sess:
-        run = sess.scalars(stmt).first()
-        if run is not None:
-            sess.expunge(run)
-    return run
+def next_queued_run(engine: Engine, *, waits: Optional[WaitRule] = None) -> Optional[Run]:
+    """The run :func:`claim_next_run` would take now (the oldest queued one ``waits`` does not hold back),
+    without claiming it."""
+    return next(iter(_claimable(engine, waits)), None)
 
 
 def finish_run(

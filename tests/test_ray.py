@@ -132,6 +132,40 @@ def test_a_study_trains_on_the_cluster_once_per_run_with_metrics_artifacts_and_n
 
 
 @pytest.mark.ray
+def test_a_study_heft_run_waits_for_its_lora_twin_and_trains_stage_2_only_on_the_cluster(
+        two_nodes, home, tiny_model, data_dir):
+    """Two free nodes would start the LoRA run and the HEFT run with the same stage 1 side by side: the HEFT run
+    waits, then its task gets the LoRA run's stage-boundary checkpoint and trains stage 2 only."""
+    from heft_core.study import StudySpec
+    from tests.test_shared_stages import _queue_study
+
+    db = home / "heft.db"
+    engine = open_db(db)
+    spec = StudySpec.from_dict({
+        "name": "ray shared", "seeds": [1],
+        "arms": [{"method": "heft", "lora_epochs": 1, "reft_epochs": 1}, {"method": "lora", "lora_epochs": 1}],
+        "base": {"model": tiny_model, "data": data_dir, "train_size": 32, "eval_size": 16, "max_length": 48,
+                 "precision": "no", "reft.layers": [1], "reft.positions": "l1"},
+    })
+    _queue_study(engine, spec)
+    heft, lora = queries.study_runs(engine, 1)
+    worker = start_worker(db, two_nodes.address)
+    try:
+        wait_for(lambda: all(status_of(engine, run.id) not in ("queued", "running") for run in (heft, lora)))
+    finally:
+        stop_worker(worker)
+    heft, lora = queries.get_run(engine, heft.id), queries.get_run(engine, lora.id)
+    assert heft.status == lora.status == "completed", (heft.error, lora.error)
+    assert heft.started_at >= lora.finished_at  # it waited for its twin
+    run_dir = Path(heft.artifact_dir)
+    assert json.loads((run_dir / "shared_stage1.json").read_text())["from"] == Path(lora.artifact_dir).name
+    log = (run_dir / LOG_FILE).read_text()
+    assert f"stage 1 is run #{lora.id}'s finished LoRA" in log and "training stage 2 only" in log
+    assert {m["stage"] for m in queries.metrics_since(engine, heft.id)} == {"reft"}  # no LoRA step trained again
+    assert (run_dir / "reft.safetensors").is_file() and (run_dir / "predictions.jsonl").stat().st_size > 0
+
+
+@pytest.mark.ray
 def test_cancel_stops_a_remote_run_and_keeps_what_it_did(two_nodes, home, tiny_model, data_dir):
     db = home / "heft.db"
     engine = open_db(db)

@@ -125,3 +125,48 @@ def test_a_study_stopped_part_way_continues_each_run_from_its_checkpoint(
     assert mine.keys() == theirs.keys() and all((mine[name] == theirs[name]).all() for name in mine)
     row = next(r for r in report.runs if r.arm == plan[1].arm)
     assert row.stage1_from == plan[0].dir_name and row.wall_seconds > 0
+
+
+def _queue_study(engine, spec):
+    """The study's planned runs as queued database rows, as the Studies tab queues them."""
+    from storage import queries
+
+    plan = spec.plan()
+    queries.create_study(engine, name=spec.name, spec=spec.to_dict(), runs=[
+        {"name": run.config.name, "method": run.method, "config": run.config.to_dict(), "base_model": run.config.model,
+         "data_source": run.config.data, "arm": run.arm, "seed": run.seed} for run in plan])
+    return plan
+
+
+def test_where_runs_train_side_by_side_a_heft_run_waits_for_its_lora_twin(tmp_path) -> None:
+    """With several slots (GPUs, Ray nodes) the queue would start HEFT beside the LoRA run that trains its stage 1:
+    the claim passes it over until that run ends, then it starts (and shares); a failed twin releases it."""
+    from app.shared_stages import waits_for_shared_stage1
+    from heft_common.vocabulary import RunStatus
+    from storage import queries
+    from storage.db import open_db
+
+    engine = open_db(tmp_path / "heft.db")
+    spec = StudySpec.from_dict({
+        "name": "side by side", "seeds": [1, 2],
+        "arms": [{"method": "heft", "lora_epochs": 1, "reft_epochs": 1}, {"method": "lora", "lora_epochs": 1},
+                 {"method": "base"}],
+        "base": {"model": "some/model", "data": "test:easy", "train_size": 16, "eval_size": 16},
+    })
+    plan = _queue_study(engine, spec)
+    # A later LoRA run keeps the checkpoint an earlier HEFT run's stage 2 would start from.
+    assert [run.config.keep_epoch_checkpoints for run in plan if run.method == "lora"] == [True, True]
+
+    def claim():
+        run = queries.claim_next_run(engine, 1, waits=lambda r: waits_for_shared_stage1(engine, r))
+        return None if run is None else (run.arm, run.seed)
+
+    # The HEFT runs come first in the queue, yet each waits for its seed's LoRA run.
+    assert [claim() for _ in range(4)] == [("LoRA 1", 1), ("Base", 1), ("LoRA 1", 2), ("Base", 2)]
+    assert claim() is None
+    rows = {(r.arm, r.seed): r for r in queries.study_runs(engine, 1)}
+    queries.finish_run(engine, rows[("LoRA 1", 2)].id, RunStatus.FAILED, error="out of memory")
+    assert claim() == ("HEFT 1+1", 2)  # its twin failed: it trains its own stage 1
+    assert claim() is None
+    queries.finish_run(engine, rows[("LoRA 1", 1)].id, RunStatus.COMPLETED)
+    assert claim() == ("HEFT 1+1", 1)
