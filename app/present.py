@@ -339,7 +339,7 @@ def is_active(status: str | None) -> bool:
 
 
 LOSS_COLUMNS = ["step", "loss", "stage"]
-EVAL_COLUMNS = ["cumulative_epoch", "accuracy", "stage", "low", "high"]
+EVAL_COLUMNS = ["cumulative_epoch", "accuracy", "stage", "low", "high", "scoring"]
 # Every stage a chart can show. Each frame names all of them (see _with_stage_placeholders), so the
 # colours and the legend are the same for every run and every update.
 LOSS_STAGES = ("lora", "reft")
@@ -370,11 +370,13 @@ def _with_stage_placeholders(frame: pd.DataFrame, stages: Sequence[str], value_c
 
 
 def _accuracy_row(evaluation: Mapping[str, Any], label: str) -> list[Any]:
-    """[cumulative epoch, accuracy %, label, low %, high %] of one evaluation."""
+    """[cumulative epoch, accuracy %, label, low %, high %, scoring] of one evaluation (shown in the tooltip:
+    which scoring produced the point; evaluations stored before it was recorded were by logits)."""
     x = evaluation.get("cumulative_epoch")
     accuracy = evaluation["accuracy"]
     return [float(x if x is not None else evaluation["epoch"]), 100 * accuracy, label,
-            100 * (evaluation.get("accuracy_low") or accuracy), 100 * (evaluation.get("accuracy_high") or accuracy)]
+            100 * (evaluation.get("accuracy_low") or accuracy), 100 * (evaluation.get("accuracy_high") or accuracy),
+            evaluation.get("scoring") or "logits"]
 
 
 def loss_frame(metrics: Sequence[Mapping[str, Any]], resumed_at: Sequence[int] = ()) -> pd.DataFrame:
@@ -564,7 +566,7 @@ def compare_runs(runs: Sequence[Any], metrics: Mapping[int, Sequence[Mapping[str
             pairs.append([a, b, "", "", None, None, None, "", reason])
     return {
         "loss": pd.DataFrame(loss_rows, columns=["step", "loss", "run"]),
-        "accuracy": pd.DataFrame(acc_rows, columns=["cumulative_epoch", "accuracy", "run", "low", "high"]),
+        "accuracy": pd.DataFrame(acc_rows, columns=["cumulative_epoch", "accuracy", "run", "low", "high", "scoring"]),
         "table": pd.DataFrame(table, columns=COMPARE_COLUMNS),
         "pairs": pd.DataFrame(pairs, columns=PAIR_COLUMNS),
         "verdicts": verdicts,

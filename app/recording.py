@@ -171,10 +171,7 @@ class DatabaseCallback(TrainerCallback):
 
     def on_evaluate(self, event: EvalEvent) -> None:
         self.flush()
-        queries.add_epoch_eval(self.engine, self.run_id, {
-            "stage": event.stage, "epoch": event.epoch, "cumulative_epoch": event.cumulative_epoch,
-            "accuracy": event.accuracy, "accuracy_low": event.low, "accuracy_high": event.high, "n": event.n,
-        })
+        queries.add_epoch_eval(self.engine, self.run_id, queries.eval_row(event.to_dict()))
         self._say("eval %s epoch %d: accuracy %.4f (%s) [%.4f, %.4f] n=%d", event.stage, event.epoch, event.accuracy,
                     event.scoring, event.low, event.high, event.n)
         if event.unparsed is not None:

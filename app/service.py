@@ -617,7 +617,8 @@ RUN_FIELDS = (
     "executor", "node", "devices",  # where it trained: "local" or "ray", the host or Ray node, the GPUs
 )
 METRIC_FIELDS = ("id", "stage", "epoch", "step", "loss", "learning_rate", "tokens_per_second", "elapsed_seconds")
-EVAL_FIELDS = ("stage", "epoch", "cumulative_epoch", "accuracy", "accuracy_low", "accuracy_high", "n")
+EVAL_FIELDS = ("stage", "epoch", "cumulative_epoch", "accuracy", "accuracy_low", "accuracy_high", "n", "scoring",
+               "generation_accuracy", "generation_low", "generation_high", "unparsed", "yes_share")
 
 
 def run_summary(run: Any) -> dict[str, Any]:

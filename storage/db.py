@@ -108,10 +108,22 @@ def _add_study_columns(conn: Connection) -> None:
     conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_run_study_id ON run (study_id)")
 
 
+def _add_eval_scoring_columns(conn: Connection) -> None:
+    """Version 3: an epoch evaluation says which scoring produced its accuracy, with the generation numbers."""
+    if conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type='table' AND name='epoch_eval'").first() is None:
+        return
+    existing = {row[1] for row in conn.exec_driver_sql("PRAGMA table_info(epoch_eval)")}
+    columns = {"scoring": "VARCHAR", "generation_accuracy": "FLOAT", "generation_low": "FLOAT",
+               "generation_high": "FLOAT", "unparsed": "INTEGER", "yes_share": "FLOAT"}
+    for name, ddl in columns.items():
+        if name not in existing:
+            conn.exec_driver_sql(f"ALTER TABLE epoch_eval ADD COLUMN {name} {ddl}")
+
+
 # Migration that upgrades a database *to* the given version from the one before it. It
 # runs inside the init_db write transaction; tables new in that version need no entry
 # (create_all adds them afterwards). Version 1 is the baseline.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _add_study_columns}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _add_study_columns, 3: _add_eval_scoring_columns}
 
 # The one piece of global mutable state: engines keyed by resolved DB path, with the pid
 # that created them so a forked child can drop connections it inherited.

@@ -16,8 +16,11 @@ STEP_FIELDS: frozenset[str] = frozenset(
 STEP_REQUIRED: frozenset[str] = frozenset({"stage", "step"})
 EVAL_FIELDS: frozenset[str] = frozenset(
     {"stage", "epoch", "cumulative_epoch", "accuracy", "accuracy_low", "accuracy_high",
-     "n", "created_at"}
+     "n", "scoring", "generation_accuracy", "generation_low", "generation_high", "unparsed", "yes_share",
+     "created_at"}
 )
+# An evaluation as the engine writes it (heft_core.callbacks.EvalEvent.to_dict, a run's evals.json) -> its row.
+_EVENT_TO_ROW = {"low": "accuracy_low", "high": "accuracy_high"}
 EVAL_REQUIRED: frozenset[str] = frozenset({"stage", "epoch"})
 
 
@@ -63,11 +66,18 @@ def delete_metrics_after(
     return steps, evals
 
 
+def eval_row(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``epoch_eval`` row of one evaluation in the engine's form (``EvalEvent.to_dict``, ``evals.json``):
+    its accuracy, interval, which scoring produced them and, when generation also ran, its numbers."""
+    row = {_EVENT_TO_ROW.get(key, key): value for key, value in event.items()}
+    return {key: row.get(key) for key in EVAL_FIELDS if key != "created_at"}
+
+
 def add_epoch_eval(engine: Engine, run_id: int, row: Mapping[str, Any]) -> int:
     """Insert one per-epoch evaluation; returns its id.
 
-    Needs ``stage`` and ``epoch``; optional: cumulative_epoch, accuracy, accuracy_low,
-    accuracy_high, n, created_at.
+    Needs ``stage`` and ``epoch``; optional: the other :data:`EVAL_FIELDS` (:func:`eval_row` makes them
+    from an engine's evaluation).
     """
     run_id = validate_run_id(run_id)
     _check_keys(row, EVAL_FIELDS, EVAL_REQUIRED, "epoch eval")

@@ -16,7 +16,7 @@ from sqlmodel import Field, SQLModel
 
 from heft_common.vocabulary import RunStatus
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Version of the schema this code writes. Bump it and add a migration in db.MIGRATIONS.
 
 2: the study table, and study_id / arm / seed / grid_point on run; worker_id, executor, node,
@@ -189,6 +189,14 @@ class EpochEval(SQLModel, table=True):
     accuracy_low: Optional[float] = None
     accuracy_high: Optional[float] = None
     n: Optional[int] = None
+    # Version 3: what produced accuracy ("logits" or "generation"; None: logits, recorded before version 3), and
+    # the generation scoring's numbers when it also ran on the same questions (scoring "both").
+    scoring: Optional[str] = None
+    generation_accuracy: Optional[float] = None
+    generation_low: Optional[float] = None
+    generation_high: Optional[float] = None
+    unparsed: Optional[int] = None
+    yes_share: Optional[float] = None
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 

@@ -24,6 +24,7 @@ from storage.metrics import (
     add_epoch_eval,
     add_step_metrics,
     delete_metrics_after,
+    eval_row,
     evaluations,
     metrics_since,
 )
@@ -82,7 +83,7 @@ __all__ = [
     # orphans
     "STALE_AFTER_S", "_pid_alive", "mark_orphans_interrupted",
     # metrics
-    "EVAL_FIELDS", "EVAL_REQUIRED", "STEP_FIELDS", "STEP_REQUIRED", "add_epoch_eval", "add_step_metrics",
+    "EVAL_FIELDS", "EVAL_REQUIRED", "STEP_FIELDS", "STEP_REQUIRED", "add_epoch_eval", "add_step_metrics", "eval_row",
     "delete_metrics_after", "evaluations", "metrics_since",
     # studies
     "STUDY_RUN_FIELDS", "STUDY_RUN_REQUIRED", "cancel_study", "create_study", "get_study", "list_studies",

@@ -114,9 +114,7 @@ def _evals(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / EVALS_FILE
     if not path.exists():
         return []
-    return [{"stage": e.get("stage"), "epoch": e.get("epoch"), "cumulative_epoch": e.get("cumulative_epoch"),
-             "accuracy": e.get("accuracy"), "accuracy_low": e.get("low"), "accuracy_high": e.get("high"),
-             "n": e.get("n")} for e in _read_json(path) if e.get("stage") is not None and e.get("epoch") is not None]
+    return [queries.eval_row(e) for e in _read_json(path) if e.get("stage") is not None and e.get("epoch") is not None]
 
 
 def _run_fields(run_dir: Path, registry: Mapping[str, Any], record: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -186,7 +186,9 @@ def test_chart_frames():
     assert list(frame.columns) == ["step", "loss", "stage"] and len(frame.dropna()) == 4
     evals = [{"stage": "lora", "epoch": 1, "cumulative_epoch": 1.0, "accuracy": 0.6, "accuracy_low": 0.5,
               "accuracy_high": 0.7}]
-    assert present.eval_frame(evals).dropna().iloc[0].tolist() == [1.0, 60.0, "lora", 50.0, 70.0]
+    assert present.eval_frame(evals).dropna().iloc[0].tolist() == [1.0, 60.0, "lora", 50.0, 70.0, "logits"]
+    by_generation = [dict(evals[0], scoring="generation")]  # the tooltip says which scoring made the point
+    assert present.eval_frame(by_generation).dropna().iloc[0]["scoring"] == "generation"
     big = [{"id": i, "step": i, "loss": 1.0, "stage": "lora"} for i in range(1, 5001)]
     thinned = present.loss_frame(big)
     assert len(thinned.dropna()) <= 2001 and thinned.iloc[-1]["step"] == 5000

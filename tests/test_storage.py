@@ -688,7 +688,9 @@ def test_rebuild_restores_runs_and_reports_what_it_skipped(tmp_path: Path) -> No
         {"stage": "lora", "epoch": s / 4, "step": s, "total_steps": 4, "loss": 1 / s, "learning_rate": 0.1,
          "tokens_per_second": 5.0, "elapsed_seconds": s}) + "\n" for s in range(1, 5)))
     (finished / "evals.json").write_text(json.dumps(
-        [{"stage": "lora", "epoch": 1, "cumulative_epoch": 1, "accuracy": 0.75, "low": 0.6, "high": 0.85, "n": 40}]))
+        [{"stage": "lora", "epoch": 1, "cumulative_epoch": 1, "accuracy": 0.75, "low": 0.6, "high": 0.85, "n": 40,
+          "scoring": "generation", "generation_accuracy": 0.75, "generation_low": 0.6, "generation_high": 0.85,
+          "unparsed": 3}]))
     (finished / REGISTRY_FILE).write_text(json.dumps({"id": 7, "name": "my lora", "batch_id": "B", "config": config}))
     failed = runs / "000007-bbbbbbbb"  # a second database also had a run 7: it gets a new id
     failed.mkdir()
@@ -710,7 +712,8 @@ def test_rebuild_restores_runs_and_reports_what_it_skipped(tmp_path: Path) -> No
     assert (lora.eval_signature, lora.batch_id) == ("SIG", "B")
     assert lora.trainable_params_by_stage == {"lora": 12}
     assert [m["step"] for m in queries.metrics_since(engine, 7)] == [1, 2, 3, 4]
-    assert [(e["accuracy"], e["accuracy_low"]) for e in queries.evaluations(engine, 7)] == [(0.75, 0.6)]
+    assert [(e["accuracy"], e["accuracy_low"], e["scoring"], e["unparsed"])
+            for e in queries.evaluations(engine, 7)] == [(0.75, 0.6, "generation", 3)]
     assert restored["broke"].id not in (7, 9) and restored["broke"].status == "failed"
     assert restored["broke"].error == "data: no such file"
     assert restored["cut off"].id == 9 and restored["cut off"].status == "interrupted"
@@ -778,3 +781,21 @@ def test_delete_reports_what_happened_to_the_files(engine: Engine, tmp_path: Pat
     nothing = queries.delete_run_report(engine, finished(None), home)
     assert nothing.files == "none" and nothing.path is None
     assert queries.delete_run_report(engine, 9999, home) is None
+
+
+def test_an_epoch_evaluation_is_stored_with_the_scoring_that_produced_it(tmp_path: Path) -> None:
+    """Every accuracy says which scoring produced it: the per-epoch rows too, with generation's numbers when both
+    scorings ran on the same questions."""
+    from app.recording import DatabaseCallback
+    from heft_core.callbacks import EvalEvent
+
+    engine = open_db(tmp_path / "heft.db")
+    run = queries.create_run(engine, name="r", method="lora", config={}, base_model="m", data_source="d")
+    recorder = DatabaseCallback(engine, run.id, echo=False)
+    recorder.on_evaluate(EvalEvent("lora", 1, 1, 0.7, 0.6, 0.8, 40, scoring="logits", generation_accuracy=0.65,
+                                   generation_low=0.5, generation_high=0.75, unparsed=2, yes_share=0.5))
+    recorder.on_evaluate(EvalEvent("lora", 2, 2, 0.72, 0.6, 0.8, 40))  # logits only
+    first, second = queries.evaluations(engine, run.id)
+    assert (first["scoring"], first["generation_accuracy"], first["unparsed"], first["yes_share"]) == \
+        ("logits", 0.65, 2, 0.5)
+    assert (second["scoring"], second["generation_accuracy"], second["unparsed"]) == ("logits", None, None)

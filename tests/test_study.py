@@ -501,13 +501,15 @@ def test_version_1_database_is_migrated(tmp_path) -> None:
         conn.executescript(SCHEMA_V1)
     engine = open_db(old)
     with sqlite3.connect(old) as conn:
-        assert conn.execute("SELECT version FROM schema_info").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("SELECT version FROM schema_info").fetchone()[0] == SCHEMA_VERSION == 3
+        eval_columns = {row[1] for row in conn.execute("PRAGMA table_info(epoch_eval)")}
         indexes = {row[1] for row in conn.execute("PRAGMA index_list(run)")}
         foreign = [(row[2], row[3], row[6]) for row in conn.execute("PRAGMA foreign_key_list(run)")]
     assert "ix_run_study_id" in indexes and foreign == [("study", "study_id", "SET NULL")]
     fresh = tmp_path / "fresh" / "heft.db"
     open_db(fresh)
     assert _run_columns(old) == _run_columns(fresh)  # the migrated table is the one a new database gets
+    assert {"scoring", "generation_accuracy", "unparsed"} <= eval_columns
 
     [kept] = queries.list_runs(engine)
     assert (kept.name, kept.accuracy, kept.study_id, kept.arm, kept.grid_values) == ("old run", 0.75, None, None, {})
