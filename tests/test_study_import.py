@@ -256,6 +256,11 @@ def test_the_demo_bundle_is_small_bf16_and_imports_four_variants_that_ask_answer
     tensors = [t for path in weights for t in load_file(str(path)).values()]
     assert all(str(t.dtype) == "torch.bfloat16" for t in tensors if t.is_floating_point())  # (int64: pyvene's counters)
     assert not list(demo_bundle.rglob("checkpoints")) and not list(demo_bundle.rglob("train.log"))
+    # The report names its run directories relatively, not by where the runner wrote the study.
+    assert {run["run_dir"] for run in json.loads((demo_bundle / "results.json").read_text())["runs"]} == {
+        f"runs/{path.name}" for path in (demo_bundle / "runs").iterdir()}
+    for name in ("results.json", "results.csv"):  # (the spec's data option is a path here: an option, kept)
+        assert str(demo_bundle.parent / "demo-study") not in (demo_bundle / name).read_text(), name
     monkeypatch.setenv("HEFT_HOME", str(tmp_path / "off"))
     monkeypatch.setenv("HEFT_DEMO", "0")
     engine = open_db(tmp_path / "off" / "heft.db")
@@ -272,3 +277,4 @@ def test_the_demo_bundle_is_small_bf16_and_imports_four_variants_that_ask_answer
         asker.close()
     assert sorted(a["slot"] for a in answered["answers"]) == ["base", "heft", "lora", "reft"]
     assert all(a.get("answer") in ("yes", "no") for a in answered["answers"]), answered
+
