@@ -278,3 +278,24 @@ def test_the_demo_bundle_is_small_bf16_and_imports_four_variants_that_ask_answer
     assert sorted(a["slot"] for a in answered["answers"]) == ["base", "heft", "lora", "reft"]
     assert all(a.get("answer") in ("yes", "no") for a in answered["answers"]), answered
 
+
+def test_the_committed_demo_is_whole_portable_and_imports(tmp_path, monkeypatch) -> None:
+    """app/demo_study as committed: its manifest matches, its records name no path of the machine that trained
+    it (adapters name the model option, the report names runs relatively), and it imports."""
+    from app import service
+    from heft_core.study_manifest import verify_study_dir
+
+    demo = study_import.DEFAULT_DEMO_DIR
+    _, entries = verify_study_dir(demo)
+    for config_file in sorted(demo.glob("runs/*/lora/adapter_config.json")):
+        model = json.loads((config_file.parent.parent / "run.json").read_text())["config"]["model"]
+        assert json.loads(config_file.read_text())["base_model_name_or_path"] == model == "embedded"
+        assert "/models/" not in (config_file.parent / "README.md").read_text()
+    assert [run["run_dir"] for run in json.loads((demo / "results.json").read_text())["runs"]] == [
+        entry["run_dir"] for entry in entries]
+    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HEFT_DEMO", raising=False)
+    engine = open_db(tmp_path / "home" / "heft.db")
+    imported = study_import.import_bundled_demo(engine)
+    assert imported is not None and len(imported.run_ids) == 4
+    assert sorted(run["method"] for run in service.list_runs_payload(engine)) == ["base", "heft", "lora", "reft"]
