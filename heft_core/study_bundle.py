@@ -3,12 +3,15 @@
 ``python -m heft_core.study_bundle SRC DEST [--max-mb 10]`` copies the study written by ``python -m heft_core
 study`` into DEST without what an import does not need (checkpoints, training logs), with every weight file
 (the LoRA adapter's and the ReFT interventions' safetensors) stored in bf16, which halves them; peft and
-``load_state_dict`` cast them back to the model's dtype when they are loaded. The report files are copied as
-they are (they hold no weights); the manifest is rewritten (``heft_core.study_manifest``), so DEST imports like
-the original. The report files name each run directory relatively (``runs/<name>``, :func:`portable_report`),
-not by where the study was written. A result larger than ``--max-mb`` is refused. A study directory holds no
-question or passage text (predictions are ids, labels, scores and generated answers), so neither does the
-bundle.
+``load_state_dict`` cast them back to the model's dtype when they are loaded. The report files are copied (they
+hold no weights); the manifest is rewritten (``heft_core.study_manifest``), so DEST imports like
+the original. A file of a run directory identical (sha256) to one of an earlier run directory (in name order)
+becomes a relative symbolic link to it (:func:`link_identical_files`: HEFT's stage-1 adapter when it is the
+LoRA run's); imports accept such links and refuse any that leads outside the study directory
+(``heft_core.study_manifest``). The report files name each run directory relatively (``runs/<name>``,
+:func:`portable_report`), not by where the study was written. A result larger than ``--max-mb`` is refused. A
+study directory holds no question or passage text (predictions are ids, labels, scores and generated answers),
+so neither does the bundle.
 """
 from __future__ import annotations
 
@@ -17,12 +20,14 @@ import csv
 import io
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from heft_common.errors import HeftError, StudyDirError
+from heft_common.hashing import file_sha256
 from heft_core.study_manifest import MANIFEST_FILE, verify_study_dir, write_manifest
 from heft_core.study_runner import RUNS_SUBDIR
 
@@ -89,7 +94,31 @@ def _to_bf16(path: Path) -> None:
 
 
 def directory_bytes(directory: Path) -> int:
-    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+    """The bytes ``directory`` takes: a link counts as a link, not as the file it leads to."""
+    return sum(path.lstat().st_size for path in directory.rglob("*") if path.is_file() or path.is_symlink())
+
+
+def link_identical_files(directory: str | Path) -> list[tuple[str, str]]:
+    """Replace each non-empty file under ``<directory>/runs/`` whose sha256 equals that of a file of an earlier
+    run directory (paths in sorted order) by a relative symbolic link to that first file; returns the (link,
+    target) pairs, relative to ``directory``. Files identical within one run directory stay files."""
+    directory = Path(directory)
+    runs = directory / RUNS_SUBDIR
+    first: dict[str, Path] = {}  # sha256 -> the first file with it
+    linked = []
+    files = sorted(path for path in runs.rglob("*") if path.is_file() and not path.is_symlink())
+    for path in files:
+        if path.stat().st_size == 0:  # nothing to save, and a link would only hide the file
+            continue
+        original = first.setdefault(file_sha256(path), path)
+        if original.relative_to(runs).parts[0] == path.relative_to(runs).parts[0]:
+            continue  # the first of its content, or a twin in the same run directory
+        path.unlink()
+        path.symlink_to(os.path.relpath(original, path.parent))
+        linked.append((path.relative_to(directory).as_posix(), original.relative_to(directory).as_posix()))
+    for link, target in linked:
+        logger.info("%s is identical to %s: linked", link, target)
+    return linked
 
 
 def bundle_study(source: str | Path, destination: str | Path, max_mb: float = DEFAULT_MAX_MB) -> Path:
@@ -101,6 +130,7 @@ def bundle_study(source: str | Path, destination: str | Path, max_mb: float = DE
     shutil.copytree(source, destination, ignore=shutil.ignore_patterns(*DROPPED))
     for weights in sorted((destination / RUNS_SUBDIR).rglob("*.safetensors")):
         _to_bf16(weights)
+    link_identical_files(destination)  # after bf16: identical weights stay identical once halved
     portable_report(destination)
     (destination / MANIFEST_FILE).unlink()
     write_manifest(destination)

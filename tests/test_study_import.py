@@ -299,3 +299,83 @@ def test_the_committed_demo_is_whole_portable_and_imports(tmp_path, monkeypatch)
     imported = study_import.import_bundled_demo(engine)
     assert imported is not None and len(imported.run_ids) == 4
     assert sorted(run["method"] for run in service.list_runs_payload(engine)) == ["base", "heft", "lora", "reft"]
+
+
+def _zip_keeping_links(directory: Path, zip_path: Path) -> Path:
+    """A zip of ``directory`` that stores its symbolic links as links (as ``zip -ry`` does), not their content."""
+    import stat
+    import zipfile
+
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for path in sorted(directory.rglob("*")):
+            name = f"{directory.name}/{path.relative_to(directory).as_posix()}"
+            if path.is_symlink():
+                info = zipfile.ZipInfo(name)
+                info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                archive.writestr(info, os.readlink(path))
+            elif path.is_file():
+                archive.write(path, name)
+    return zip_path
+
+
+def test_the_bundle_links_identical_files_and_imports_them_from_a_directory_or_a_zip(demo_bundle, tmp_path,
+                                                                                    monkeypatch) -> None:
+    runs = sorted((demo_bundle / "runs").iterdir())  # base, LoRA, ReFT, HEFT
+    lora, heft = runs[1] / "lora", runs[3] / "lora"
+    adapter = heft / "adapter_model.safetensors"
+    assert adapter.is_symlink() and os.readlink(adapter) == f"../../{runs[1].name}/lora/adapter_model.safetensors"
+    assert adapter.read_bytes() == (lora / "adapter_model.safetensors").read_bytes()
+    assert not (lora / "adapter_model.safetensors").is_symlink()  # the first one stays a file
+    assert not [p for p in demo_bundle.rglob("*") if p.is_symlink() and p.stat().st_size == 0]
+    for upload in ("directory", "zip"):
+        monkeypatch.setenv("HEFT_HOME", str(tmp_path / upload))
+        engine = open_db(tmp_path / upload / "heft.db")
+        if upload == "zip":
+            imported = study_import.import_study_zip(engine, _zip_keeping_links(demo_bundle, tmp_path / "b.zip"), LOCAL)
+        else:
+            imported = study_import.import_study(engine, demo_bundle, LOCAL)
+        copied = Path(queries.get_run(engine, imported.run_ids[3]).artifact_dir) / "lora" / "adapter_model.safetensors"
+        assert not copied.is_symlink() and copied.read_bytes() == adapter.read_bytes()  # the data home holds files
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "../../../outside.txt", "../../../../../../../../etc/passwd"])
+def test_a_link_out_of_the_study_directory_is_refused(demo_bundle, home, tmp_path, target) -> None:
+    import hashlib
+
+    engine = open_db(home / "heft.db")
+    before = _registry(engine, home)
+    copy = tmp_path / "bundle"
+    shutil.copytree(demo_bundle, copy, symlinks=True)
+    (tmp_path / "outside.txt").write_text("a file of the machine, not of the study\n")
+    evals = sorted((copy / "runs").iterdir())[1] / "evals.json"
+    evals.unlink()
+    evals.symlink_to(target)
+    if evals.exists():  # the manifest made to agree, so only the link can refuse it
+        manifest = json.loads((copy / MANIFEST_FILE).read_text())
+        manifest["files"][evals.relative_to(copy).as_posix()] = hashlib.sha256(evals.read_bytes()).hexdigest()
+        (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(StudyDirError, match=r"evals.json is a link that points outside the study directory"):
+        study_import.import_study(engine, copy, LOCAL)
+    assert _registry(engine, home) == before
+    with pytest.raises(StudyDirError, match=r"evals.json is a link that points outside the study directory"):
+        study_import.import_study_zip(engine, _zip_keeping_links(copy, tmp_path / "upload.zip"), LOCAL)
+    assert _registry(engine, home) == before
+
+
+def test_check_links_accepts_relative_links_to_its_files_only(tmp_path) -> None:
+    from heft_core.study_manifest import check_links
+
+    study = tmp_path / "study"
+    (study / "runs" / "a").mkdir(parents=True)
+    (study / "runs" / "b").mkdir()
+    (study / "runs" / "a" / "w.bin").write_bytes(b"w")
+    (study / "runs" / "b" / "w.bin").symlink_to("../a/w.bin")
+    check_links(study)  # a bundle's link between run directories
+    cases = {"folder": ("../a", "only files may be linked"), "dangling": ("../a/none.bin", "does not exist"),
+             "absolute": (str(study / "runs" / "a" / "w.bin"), "points outside the study directory")}
+    for name, (target, message) in cases.items():
+        link = study / "runs" / "b" / name
+        link.symlink_to(target)
+        with pytest.raises(StudyDirError, match=message):
+            check_links(study)
+        link.unlink()
