@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import posixpath
 import shutil
+import stat
 import sys
 import tempfile
 import zipfile
@@ -54,8 +56,30 @@ def _study_root(extracted: Path) -> Path:
     raise StudyDirError(f"the zip holds no study directory ({STUDY_INDEX_FILE} at its root or in its one folder)")
 
 
+def _is_link(member: zipfile.ZipInfo) -> bool:
+    return stat.S_ISLNK(member.external_attr >> 16)  # a Unix zip (zip -y) keeps the link's mode here
+
+
+def _unpack_links(archive: zipfile.ZipFile, links: list[zipfile.ZipInfo], scratch: Path, zip_name: str) -> None:
+    """Recreate the zip's symbolic links (zipfile would write each as a file holding its target): only links that
+    stay inside the zip by a relative path; where they lead is checked again with the study (check_links)."""
+    for member in links:
+        target = archive.read(member).decode("utf-8", errors="replace")
+        landing = posixpath.normpath(posixpath.join(posixpath.dirname(member.filename.rstrip("/")), target))
+        if posixpath.isabs(target) or target.startswith("\\") or landing == ".." or landing.startswith("../"):
+            raise StudyDirError(f"{zip_name}: {member.filename} is a link that points outside the study directory "
+                                f"({target})")
+        path = scratch / member.filename.rstrip("/")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(target, path)
+        except OSError as exc:  # e.g. a folder of the zip with the link's name
+            raise StudyDirError(f"{zip_name}: {member.filename} cannot be unpacked as a link ({exc})") from None
+
+
 def import_study_zip(engine: Any, zip_path: str | Path, actor: Actor | None = ANONYMOUS) -> ImportedStudy:
-    """Unpack a zip of a study directory into a scratch folder and import it (:func:`import_study`)."""
+    """Unpack a zip of a study directory into a scratch folder and import it (:func:`import_study`); symbolic
+    links in it (a study bundle's identical files) are kept when they stay inside it."""
     service.authorize(actor, Action.IMPORT)  # before unpacking anything a visitor sent
     zip_path = Path(zip_path)
     try:
@@ -70,7 +94,9 @@ def import_study_zip(engine: Any, zip_path: str | Path, actor: Actor | None = AN
             parts = Path(member.filename).parts
             if member.filename.startswith(("/", "\\")) or ".." in parts:
                 raise StudyDirError(f"{zip_path.name}: {member.filename} points outside the study directory")
-        archive.extractall(scratch)
+        links = [member for member in members if _is_link(member)]
+        archive.extractall(scratch, members=[member for member in members if not _is_link(member)])
+        _unpack_links(archive, links, Path(scratch), zip_path.name)
         root = _study_root(Path(scratch))
         # The directory's own name is part of the origin: a zip of "demo/" keeps it; a zip of its contents
         # is named after the zip file.

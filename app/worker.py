@@ -47,7 +47,7 @@ from heft_common.process import oom_kill_count, worker_identity
 from heft_common.vocabulary import RunStatus
 from heft_core.artifacts import read_run_record
 from storage import queries
-from storage.archive import Archiver, archive_root, archive_setting
+from storage.archive import Archiver, archive_backend, archive_setting
 from storage.db import checkpoint_wal, open_db
 from storage.lifecycle import prepare_registry
 from storage.models import Run
@@ -139,8 +139,8 @@ class Worker:
         # archive configured gets the archived runs back first (storage.lifecycle).
         prepare_registry(self.db_path)
         self.engine = open_db(self.db_path)
-        archive = archive_root()
-        self.archiver = Archiver(archive) if archive is not None else None  # copies run directories (HEFT_ARCHIVE)
+        backend = archive_backend()  # a directory or a hub dataset repo (HEFT_ARCHIVE), or None
+        self.archiver = Archiver(backend) if backend is not None else None  # copies run directories
         self._last_wal_checkpoint = time.monotonic()
         self.slots = slots if slots is not None else gpu_slots()
         self.poll_seconds = poll_seconds

@@ -3,14 +3,17 @@
 Layout of a run directory::
 
     run.json            config, library versions, data, eval signature, results (written last)
-    lora/               peft adapter (LoRA and HEFT)
+    lora/               peft adapter (LoRA and HEFT), its base model named by the run's model option
     reft.safetensors    full intervention state (ReFT and HEFT); settings live in run.json
     metrics.jsonl       one line per optimizer step
     evals.json          one entry per epoch evaluation
     predictions.jsonl   uid, gold label, P(yes), prediction, correct
 
 Files are staged in a hidden directory and moved into place; ``run.json`` goes last, so a
-directory without it (a crash mid-write) never loads. ``RunResult`` (what a run produced) lives here
+directory without it (a crash mid-write) never loads. The files do not name the run directory (readers know
+where they found it) nor the model cache the base model was loaded from (:func:`name_adapter_base`); paths
+the run was given as options stay as given, and ``data.source`` is where the data was read, next to its
+portable ``label``. ``RunResult`` (what a run produced) lives here
 because a run directory is its stored form; ``heft_core.train`` returns one. Importing this module
 does not import torch: ``safetensors.torch`` is imported only when a ReFT state is written (heavy: deferred).
 """
@@ -92,6 +95,28 @@ def _write_json(path: Path, payload: Any) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True))
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_CARD = "README.md"  # peft's model card, written next to the adapter
+
+
+def name_adapter_base(lora_dir: str | Path, model: str) -> bool:
+    """Name a saved peft adapter's base model by the run's ``model`` option (``embedded``, a hub id, a path as
+    given) instead of the local directory it was loaded from (a model cache of this machine), in
+    ``adapter_config.json`` and peft's card; returns whether anything changed. Loading never reads the name
+    (the app passes the base model itself) and exports rewrite it to a hub id (``heft_core.export``)."""
+    config_path = Path(lora_dir) / ADAPTER_CONFIG
+    adapter = json.loads(config_path.read_text())
+    loaded_from = adapter.get("base_model_name_or_path")
+    if not loaded_from or loaded_from == model:
+        return False
+    adapter["base_model_name_or_path"] = model
+    config_path.write_text(json.dumps(adapter, indent=2, sort_keys=True))  # as peft writes it
+    card = Path(lora_dir) / ADAPTER_CARD
+    if card.is_file():
+        card.write_text(card.read_text().replace(loaded_from, model))
+    return True
+
+
 def save_run(
     output_dir: str | Path, config: RunConfig, result: RunResult, *, data: DatasetSplits, eval_signature: str,
     model_info: ModelInfo, lora_model: Any = None, reft_model: ReftAnswerModel | None = None,
@@ -110,6 +135,7 @@ def save_run(
             fh.writelines(json.dumps(p.to_dict()) + "\n" for p in result.predictions)
         if lora_model is not None:
             lora_model.save_pretrained(staging / "lora")
+            name_adapter_base(staging / "lora", config.model)
             files.append("lora")
         if reft_model is not None:
             from safetensors.torch import save_file  # heavy: deferred (imports torch)

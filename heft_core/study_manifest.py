@@ -5,7 +5,10 @@ the index (``study.json``) and every file of the run directories; the report fil
 because they are derived (``study-report`` rewrites them, the app rebuilds them from the runs).
 :func:`verify_study_dir` refuses, with a message naming the file, a directory that has no manifest
 or another format, misses a listed file, holds a file whose checksum differs or a run file the
-manifest does not list, or whose study did not finish. No Gradio, no SQL.
+manifest does not list, or whose study did not finish. Symbolic links are accepted when they lead, by a
+relative path, to a file of the study directory (``heft_core.study_bundle`` links identical files across run
+directories); any other link (outside the directory, absolute, to a folder, dangling) refuses the directory
+before a file is read, so a directory or zip cannot bring in ``/etc/passwd`` as a run's file. No Gradio, no SQL.
 """
 from __future__ import annotations
 
@@ -38,6 +41,38 @@ def _covered_files(directory: Path) -> list[str]:
     return names
 
 
+def _within(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def check_links(directory: str | Path) -> None:
+    """Raise StudyDirError for a symbolic link in ``directory`` that does not lead, by a relative path that stays
+    inside it, to one of its files (see the module docstring); linked folders are never entered."""
+    directory = Path(directory)
+    lexical_root, real_root = Path(os.path.abspath(directory)), directory.resolve()
+    for folder, folders, files in os.walk(directory):  # followlinks=False: a link to a folder is seen, not walked
+        for entry in folders + files:
+            path = Path(folder) / entry
+            if not path.is_symlink():
+                continue
+            relative, target = path.relative_to(directory).as_posix(), os.readlink(path)
+            lexical = Path(os.path.abspath(os.path.join(path.parent, target)))  # the link's own path, no link followed
+            outside = os.path.isabs(target) or not _within(lexical, lexical_root)
+            try:
+                resolved = path.resolve(strict=True)
+            except (OSError, RuntimeError):  # dangling, or a loop
+                resolved = None
+            if outside or (resolved is not None and not _within(resolved, real_root)):
+                raise StudyDirError(f"{directory.name}: {relative} is a link that points outside the study directory "
+                                    f"({target}); a study directory may only link to its own files, by relative paths")
+            if resolved is None:
+                raise StudyDirError(f"{directory.name}: {relative} is a link to {target}, which does not exist in the "
+                                    "study directory")
+            if not resolved.is_file():
+                raise StudyDirError(f"{directory.name}: {relative} is a link to {target}, which is not a file (only "
+                                    "files may be linked)")
+
+
 def write_manifest(directory: str | Path) -> Path:
     """Write ``manifest.json`` (format, run format, {file: sha256}) into a study directory; returns its path."""
     directory = Path(directory)
@@ -59,6 +94,7 @@ def verify_study_dir(directory: str | Path) -> tuple[StudySpec, list[dict[str, A
     if not (directory / STUDY_INDEX_FILE).is_file():
         raise StudyDirError(f"{name} is not a study directory (no {STUDY_INDEX_FILE}): import a directory written by "
                             "`python -m heft_core study SPEC --out DIR`")
+    check_links(directory)  # before any file is read: a link must not lead the checks (or the copy) outside
     if not manifest_path.is_file():
         raise StudyDirError(f"{name} has no {MANIFEST_FILE}: it was written by an older HEFT Studio or copied "
                             f"without it. Run `python -m heft_core study {name}/{SPEC_FILE} --out {name} --resume` "

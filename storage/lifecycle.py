@@ -2,8 +2,9 @@
 
 :func:`prepare_registry` runs when the app and the worker start, before they open the database:
 
-1. With an archive configured (``HEFT_ARCHIVE``, :mod:`storage.archive`) and no run directory in the
-   local data home (an ephemeral disk after a restart), the archived run directories are copied back.
+1. With an archive configured (``HEFT_ARCHIVE``, :mod:`storage.archive`: a directory or a hub dataset repo)
+   and no run directory in the local data home (an ephemeral disk after a restart), the archived run
+   directories are copied back.
 2. The data home's database (``<home>/heft.db``), when it is missing, new or holds no run (a file with
    only a header page, a lost ``-wal``) while run directories exist, is re-indexed from them
    (:func:`storage.rebuild.index_run_directories`),
@@ -62,15 +63,18 @@ def prepare_registry(db_path: str | Path | None = None, home: str | Path | None 
     report = StartupReport()
     with open(home / LOCK_FILE, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        root = archive.archive_root()
-        if root is not None and not run_directories(home):
-            report.restored = archive.restore(home, root)
+        backend = archive.archive_backend()
+        if backend is not None and not run_directories(home):
+            report.restored = backend.restore(home)
             restored = report.restored
-            if restored.restored or restored.ignored:
+            if restored.restored or restored.ignored or restored.error:
                 log.warning("%s", restored.summary())
+            if restored.error:
+                report.notices.append(f"The data home was empty and the archive {backend.location} could not be "
+                                      "read (see the log): no runs were restored from it.")
             if restored.restored:
                 report.notices.append(f"The data home was empty: {len(restored.restored)} run(s) were restored "
-                                      f"from the archive {root}.")
+                                      f"from the archive {backend.location}.")
             if restored.ignored:
                 report.notices.append(f"{len(restored.ignored)} incomplete copy(ies) in the archive were ignored "
                                       "(see the log).")

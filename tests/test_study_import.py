@@ -256,6 +256,11 @@ def test_the_demo_bundle_is_small_bf16_and_imports_four_variants_that_ask_answer
     tensors = [t for path in weights for t in load_file(str(path)).values()]
     assert all(str(t.dtype) == "torch.bfloat16" for t in tensors if t.is_floating_point())  # (int64: pyvene's counters)
     assert not list(demo_bundle.rglob("checkpoints")) and not list(demo_bundle.rglob("train.log"))
+    # The report names its run directories relatively, not by where the runner wrote the study.
+    assert {run["run_dir"] for run in json.loads((demo_bundle / "results.json").read_text())["runs"]} == {
+        f"runs/{path.name}" for path in (demo_bundle / "runs").iterdir()}
+    for name in ("results.json", "results.csv"):  # (the spec's data option is a path here: an option, kept)
+        assert str(demo_bundle.parent / "demo-study") not in (demo_bundle / name).read_text(), name
     monkeypatch.setenv("HEFT_HOME", str(tmp_path / "off"))
     monkeypatch.setenv("HEFT_DEMO", "0")
     engine = open_db(tmp_path / "off" / "heft.db")
@@ -272,3 +277,105 @@ def test_the_demo_bundle_is_small_bf16_and_imports_four_variants_that_ask_answer
         asker.close()
     assert sorted(a["slot"] for a in answered["answers"]) == ["base", "heft", "lora", "reft"]
     assert all(a.get("answer") in ("yes", "no") for a in answered["answers"]), answered
+
+
+def test_the_committed_demo_is_whole_portable_and_imports(tmp_path, monkeypatch) -> None:
+    """app/demo_study as committed: its manifest matches, its records name no path of the machine that trained
+    it (adapters name the model option, the report names runs relatively), and it imports."""
+    from app import service
+    from heft_core.study_manifest import verify_study_dir
+
+    demo = study_import.DEFAULT_DEMO_DIR
+    _, entries = verify_study_dir(demo)
+    for config_file in sorted(demo.glob("runs/*/lora/adapter_config.json")):
+        model = json.loads((config_file.parent.parent / "run.json").read_text())["config"]["model"]
+        assert json.loads(config_file.read_text())["base_model_name_or_path"] == model == "embedded"
+        assert "/models/" not in (config_file.parent / "README.md").read_text()
+    assert [run["run_dir"] for run in json.loads((demo / "results.json").read_text())["runs"]] == [
+        entry["run_dir"] for entry in entries]
+    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("HEFT_DEMO", raising=False)
+    engine = open_db(tmp_path / "home" / "heft.db")
+    imported = study_import.import_bundled_demo(engine)
+    assert imported is not None and len(imported.run_ids) == 4
+    assert sorted(run["method"] for run in service.list_runs_payload(engine)) == ["base", "heft", "lora", "reft"]
+
+
+def _zip_keeping_links(directory: Path, zip_path: Path) -> Path:
+    """A zip of ``directory`` that stores its symbolic links as links (as ``zip -ry`` does), not their content."""
+    import stat
+    import zipfile
+
+    with zipfile.ZipFile(zip_path, "w") as archive:
+        for path in sorted(directory.rglob("*")):
+            name = f"{directory.name}/{path.relative_to(directory).as_posix()}"
+            if path.is_symlink():
+                info = zipfile.ZipInfo(name)
+                info.external_attr = (stat.S_IFLNK | 0o777) << 16
+                archive.writestr(info, os.readlink(path))
+            elif path.is_file():
+                archive.write(path, name)
+    return zip_path
+
+
+def test_the_bundle_links_identical_files_and_imports_them_from_a_directory_or_a_zip(demo_bundle, tmp_path,
+                                                                                    monkeypatch) -> None:
+    runs = sorted((demo_bundle / "runs").iterdir())  # base, LoRA, ReFT, HEFT
+    lora, heft = runs[1] / "lora", runs[3] / "lora"
+    adapter = heft / "adapter_model.safetensors"
+    assert adapter.is_symlink() and os.readlink(adapter) == f"../../{runs[1].name}/lora/adapter_model.safetensors"
+    assert adapter.read_bytes() == (lora / "adapter_model.safetensors").read_bytes()
+    assert not (lora / "adapter_model.safetensors").is_symlink()  # the first one stays a file
+    assert not [p for p in demo_bundle.rglob("*") if p.is_symlink() and p.stat().st_size == 0]
+    for upload in ("directory", "zip"):
+        monkeypatch.setenv("HEFT_HOME", str(tmp_path / upload))
+        engine = open_db(tmp_path / upload / "heft.db")
+        if upload == "zip":
+            imported = study_import.import_study_zip(engine, _zip_keeping_links(demo_bundle, tmp_path / "b.zip"), LOCAL)
+        else:
+            imported = study_import.import_study(engine, demo_bundle, LOCAL)
+        copied = Path(queries.get_run(engine, imported.run_ids[3]).artifact_dir) / "lora" / "adapter_model.safetensors"
+        assert not copied.is_symlink() and copied.read_bytes() == adapter.read_bytes()  # the data home holds files
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "../../../outside.txt", "../../../../../../../../etc/passwd"])
+def test_a_link_out_of_the_study_directory_is_refused(demo_bundle, home, tmp_path, target) -> None:
+    import hashlib
+
+    engine = open_db(home / "heft.db")
+    before = _registry(engine, home)
+    copy = tmp_path / "bundle"
+    shutil.copytree(demo_bundle, copy, symlinks=True)
+    (tmp_path / "outside.txt").write_text("a file of the machine, not of the study\n")
+    evals = sorted((copy / "runs").iterdir())[1] / "evals.json"
+    evals.unlink()
+    evals.symlink_to(target)
+    if evals.exists():  # the manifest made to agree, so only the link can refuse it
+        manifest = json.loads((copy / MANIFEST_FILE).read_text())
+        manifest["files"][evals.relative_to(copy).as_posix()] = hashlib.sha256(evals.read_bytes()).hexdigest()
+        (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(StudyDirError, match=r"evals.json is a link that points outside the study directory"):
+        study_import.import_study(engine, copy, LOCAL)
+    assert _registry(engine, home) == before
+    with pytest.raises(StudyDirError, match=r"evals.json is a link that points outside the study directory"):
+        study_import.import_study_zip(engine, _zip_keeping_links(copy, tmp_path / "upload.zip"), LOCAL)
+    assert _registry(engine, home) == before
+
+
+def test_check_links_accepts_relative_links_to_its_files_only(tmp_path) -> None:
+    from heft_core.study_manifest import check_links
+
+    study = tmp_path / "study"
+    (study / "runs" / "a").mkdir(parents=True)
+    (study / "runs" / "b").mkdir()
+    (study / "runs" / "a" / "w.bin").write_bytes(b"w")
+    (study / "runs" / "b" / "w.bin").symlink_to("../a/w.bin")
+    check_links(study)  # a bundle's link between run directories
+    cases = {"folder": ("../a", "only files may be linked"), "dangling": ("../a/none.bin", "does not exist"),
+             "absolute": (str(study / "runs" / "a" / "w.bin"), "points outside the study directory")}
+    for name, (target, message) in cases.items():
+        link = study / "runs" / "b" / name
+        link.symlink_to(target)
+        with pytest.raises(StudyDirError, match=message):
+            check_links(study)
+        link.unlink()
