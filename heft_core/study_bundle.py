@@ -23,12 +23,13 @@ import logging
 import os
 import shutil
 import sys
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from heft_common.errors import HeftError, StudyDirError
 from heft_common.hashing import file_sha256
 from heft_core.study_manifest import MANIFEST_FILE, verify_study_dir, write_manifest
+from heft_core.study_report.outcomes import portable_run_dir
 from heft_core.study_runner import RUNS_SUBDIR
 
 logger = logging.getLogger(__name__)
@@ -38,17 +39,9 @@ DEFAULT_MAX_MB = 10.0
 REPORT_JSON, REPORT_CSV = "results.json", "results.csv"  # the report files that name run directories
 
 
-def _relative_run_dir(value: Any) -> Any:
-    """``/any/where/runs/<name>`` as ``runs/<name>``; anything else as it is."""
-    if not isinstance(value, str) or not value:
-        return value
-    path = PurePosixPath(value)
-    return f"{RUNS_SUBDIR}/{path.name}" if path.is_absolute() and path.parent.name == RUNS_SUBDIR else value
-
-
 def _relative_run_dirs(value: Any) -> Any:
     if isinstance(value, dict):
-        return {key: _relative_run_dir(item) if key == "run_dir" else _relative_run_dirs(item)
+        return {key: portable_run_dir(item) if key == "run_dir" else _relative_run_dirs(item)
                 for key, item in value.items()}
     if isinstance(value, list):
         return [_relative_run_dirs(item) for item in value]
@@ -73,7 +66,7 @@ def portable_report(directory: str | Path) -> list[str]:
     if table.is_file():
         rows = list(csv.DictReader(io.StringIO(table.read_text())))
         if rows and "run_dir" in rows[0]:
-            portable_rows = [{**row, "run_dir": _relative_run_dir(row["run_dir"])} for row in rows]
+            portable_rows = [{**row, "run_dir": portable_run_dir(row["run_dir"])} for row in rows]
             if portable_rows != rows:
                 buffer = io.StringIO()
                 writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")

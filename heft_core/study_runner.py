@@ -22,12 +22,11 @@ from heft_core.callbacks import TrainerCallback
 from heft_core.config import RunConfig
 from heft_core.study import PlannedRun, StudySpec, check_against_model
 from heft_core.study_report import SPEC_FILE, RunOutcome, StudyReport, study_report, write_report
-from heft_core.study_report.outcomes import SHARED_STAGE1_FILE
+from heft_core.study_report.outcomes import RUNS_SUBDIR, SHARED_STAGE1_FILE
 
 logger = logging.getLogger(__name__)
 
 STUDY_INDEX_FILE = "study.json"
-RUNS_SUBDIR = "runs"
 WALL_FILE = "study_wall.json"  # a run's wall seconds over all its attempts (a study continued after a stop)
 WALL_WRITE_SECONDS = 30.0
 

@@ -58,6 +58,9 @@ def test_heft_trains_stage_2_on_the_lora_arms_run_and_ends_as_with_its_own_stage
     row = next(r for r in report.runs if r.arm == "HEFT 1+1")
     assert row.stage1_from == plan[0].dir_name and row.train_seconds_as_run < row.train_seconds
     assert "## Shared stages" in report.to_markdown()
+    written = json.loads((out / "results.json").read_text())  # it names no path of this machine
+    assert str(tmp_path) not in (out / "results.json").read_text() + (out / "results.csv").read_text()
+    assert {run["run_dir"] for run in written["runs"]} == {f"runs/{run.dir_name}" for run in plan}
     _, outcomes = load_study_dir(out)  # the sharing is recorded with the study
     assert outcomes[1].shared_stage1_from == f"runs/{plan[0].dir_name}"
     trained = len(stages)  # the run alone above trained both of its stages: 6

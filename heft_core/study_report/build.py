@@ -14,7 +14,7 @@ from heft_core.data import data_label
 from heft_core.study import TYPICAL_DISCORDANCE, PlannedRun, StudyArm, StudySpec, grid_key, grid_label
 from heft_core.study_presets import paper_row
 from heft_core.study_report.costs import decoder_shape, tokens_by_stage, training_flops
-from heft_core.study_report.outcomes import RunOutcome
+from heft_core.study_report.outcomes import RunOutcome, portable_run_dir
 from heft_core.study_report.rows import ArmRow, ContrastRow, RunRow, SeedTest, StudyReport
 
 
@@ -118,7 +118,7 @@ def _run_row(
     )
     if outcome is None:
         return row
-    row.run_dir, row.run_id, row.error = outcome.run_dir, outcome.run_id, outcome.error
+    row.run_dir, row.run_id, row.error = portable_run_dir(outcome.run_dir), outcome.run_id, outcome.error
     row.wall_seconds = outcome.wall_seconds
     if not outcome.finished:
         return row

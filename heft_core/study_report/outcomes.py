@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from heft_common.errors import RunLoadError
@@ -13,6 +13,16 @@ from heft_core.artifacts import load_run
 from heft_core.study import grid_key
 
 SHARED_STAGE1_FILE = "shared_stage1.json"  # in a HEFT run's directory: whose stage 1 it trained on (and its seconds)
+RUNS_SUBDIR = "runs"  # a study directory's run directories: runs/<NNN-arm-sSEED>/
+
+
+def portable_run_dir(value: Any) -> Any:
+    """``/any/where/runs/<name>`` as ``runs/<name>`` (relative to its study directory or data home: a report names
+    no path of the machine that wrote it); anything else as it is."""
+    if not isinstance(value, str) or not value:
+        return value
+    path = PurePosixPath(value)
+    return f"{RUNS_SUBDIR}/{path.name}" if path.is_absolute() and path.parent.name == RUNS_SUBDIR else value
 
 
 @dataclass
