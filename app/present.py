@@ -424,6 +424,8 @@ def eval_limits(frame: pd.DataFrame) -> Limits | None:
 
 LOG_OUTSIDE_WORKER = ("(no {log} in this run's directory: it was trained outside the app's worker, "
                       "e.g. by a script through storage.queries.start_external_run)")
+LOG_OF_IMPORTED = ("(no {log}: this run was imported ({origin}), and a study directory carries no training logs; "
+                   "its step metrics and evaluations are in the charts above)")
 
 
 # --------------------------------------------------------------------------- action messages

@@ -46,6 +46,7 @@ from heft_common.vocabulary import (
 from heft_core.config import RunConfig
 from heft_core.trackers import read_trackers_file
 from storage import queries
+from storage.imports import IMPORT_EXECUTOR
 from storage.models import Run
 
 logger = logging.getLogger(__name__)
@@ -272,6 +273,8 @@ def run_log(run: Run) -> str:
     text = log_tail(log_path, LOG_LINES)
     finished = run.status not in ACTIVE_STATUSES
     if not text and finished and log_path.parent.is_dir() and not log_path.exists():
+        if run.executor == IMPORT_EXECUTOR:
+            return present.LOG_OF_IMPORTED.format(log=LOG_FILE, origin=run.node or "from a study directory")
         return present.LOG_OUTSIDE_WORKER.format(log=LOG_FILE)
     # A tracker that turned itself off says so once, early in the log: keep it in view above the tail.
     warnings = [entry["warning"] for entry in read_trackers_file(run.artifact_dir).values()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app import studies, study_import
+from app import service, studies, study_import
 from app.ask import AskService
 from app.permissions import LOCAL, PermissionRefused
 from heft_common.errors import StudyDirError
@@ -81,6 +81,7 @@ def test_cli_import_gives_the_same_report_and_ask_answers(study_dir, home, tmp_p
         assert (copied / "predictions.jsonl").read_bytes() == (source / "predictions.jsonl").read_bytes()
         assert queries.evaluations(engine, run.id)
         assert run.method == "base" or queries.metrics_since(engine, run.id, 0)
+        assert "imported (imported from tiny import (tiny-study))" in service.run_log(run)  # why no train.log
     assert (Path(runs[1].artifact_dir) / "lora").is_dir() and (Path(runs[2].artifact_dir) / "reft.safetensors").exists()
     # The same report as the directory's own, built from the registry as the Studies tab builds it.
     spec, outcomes = load_study_dir(study_dir)
