@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -214,13 +214,13 @@ def claim_next_run(
     return None
 
 
-def _claimable(engine: Engine, waits: Optional[WaitRule]) -> list[Run]:
-    """The queued runs, oldest first, but those ``waits`` holds back."""
+def _claimable(engine: Engine, waits: Optional[WaitRule]) -> Iterator[Run]:
+    """The queued runs, oldest first, but those ``waits`` holds back (asked lazily: only up to the one taken)."""
     stmt = select(Run).where(col(Run.status) == RunStatus.QUEUED.value).order_by(col(Run.id))
     with _detached_session(engine) as sess:
         runs = list(sess.scalars(stmt))
         sess.expunge_all()
-    return [run for run in runs if waits is None or not waits(run)]
+    return (run for run in runs if waits is None or not waits(run))
 
 
 def set_child_pid(engine: Engine, run_id: int, pid: Optional[int]) -> bool:
