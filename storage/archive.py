@@ -243,7 +243,8 @@ class RestoreReport:
 
     def summary(self) -> str:
         lines = [f"Could not read the archive {self.archive}: {self.error}"] if self.error else []
-        lines += [f"Restored {len(self.restored)} run directory(ies) from the archive {self.archive}."]
+        if self.restored or not self.error:
+            lines += [f"Restored {len(self.restored)} run directory(ies) from the archive {self.archive}."]
         lines += [f"Ignored {name} in the archive: {reason}" for name, reason in sorted(self.ignored.items())]
         return "\n".join(lines)
 
