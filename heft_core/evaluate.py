@@ -16,7 +16,7 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 
 from heft_core.adapters import AnswerModel
-from heft_core.batching import collate, sorted_batches
+from heft_core.batching import Batch, collate, sorted_batches
 from heft_core.config import primary_scoring
 from heft_core.prompt import EncodedExample
 from heft_core.stats import AccuracyResult, accuracy_result
@@ -85,6 +85,32 @@ class Prediction:
                 "generation_predicted": self.generation_predicted, "scoring": self.scoring}
 
 
+def _per_example(
+    model: AnswerModel,
+    examples: Sequence[EncodedExample],
+    step: Callable[[Batch], list[Any]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    autocast: Callable[[], ContextManager] | None,
+    on_batch: Callable[[int, int], None] | None,
+) -> dict[str, Any]:
+    """uid -> ``step(batch)``'s value for each row, over length-sorted batches; the one batch loop
+    that logit scoring and generation share (eval mode, autocast per batch, progress)."""
+    model.eval()
+    values: dict[str, Any] = {}
+    done = 0
+    for chunk in sorted_batches(examples, batch_size):
+        batch = collate(chunk, pad_id).to(device)
+        with autocast() if autocast else nullcontext():
+            values.update(zip(batch.uids, step(batch)))
+        done += len(chunk)
+        if on_batch is not None:
+            on_batch(done, len(examples))
+    return values
+
+
 @torch.no_grad()
 def predict(
     model: AnswerModel,
@@ -100,19 +126,14 @@ def predict(
 ) -> list[Prediction]:
     """P(yes) for each example, in the order given. ``autocast`` makes a fresh context per batch;
     ``on_batch(done, total)`` hears how many examples are scored after each batch."""
-    model.eval()
-    by_uid: dict[str, float] = {}
-    done = 0
-    for chunk in sorted_batches(examples, batch_size):
-        batch = collate(chunk, pad_id).to(device)
-        with autocast() if autocast else nullcontext():
-            logits = model.answer_logits(batch)
+
+    def p_yes(batch: Batch) -> list[float]:
+        logits = model.answer_logits(batch)
         pair = torch.stack([logits[:, yes_id], logits[:, no_id]], dim=-1).float()
-        for uid, p in zip(batch.uids, pair.softmax(-1)[:, 0].tolist()):
-            by_uid[uid] = p
-        done += len(chunk)
-        if on_batch is not None:
-            on_batch(done, len(examples))
+        return pair.softmax(-1)[:, 0].tolist()
+
+    by_uid = _per_example(model, examples, p_yes, pad_id=pad_id, batch_size=batch_size, device=device,
+                          autocast=autocast, on_batch=on_batch)
     return [Prediction(e.uid, e.label, by_uid[e.uid]) for e in examples]
 
 
@@ -131,21 +152,15 @@ def generate_texts(
 ) -> dict[str, str]:
     """uid -> the greedy continuation (at most ``max_new_tokens``, stopping at eos), decoded without
     special tokens. Batches are left-padded; generate() takes each row's positions from the mask."""
-    model.eval()
-    texts: dict[str, str] = {}
-    done = 0
-    for chunk in sorted_batches(examples, batch_size):
-        batch = collate(chunk, pad_id).to(device)
-        with autocast() if autocast else nullcontext():
-            new_tokens = model.generate(
-                batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
-            )
-        for uid, text in zip(batch.uids, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-            texts[uid] = text
-        done += len(chunk)
-        if on_batch is not None:
-            on_batch(done, len(examples))
-    return texts
+
+    def continuations(batch: Batch) -> list[str]:
+        new_tokens = model.generate(
+            batch, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+    return _per_example(model, examples, continuations, pad_id=pad_id, batch_size=batch_size, device=device,
+                        autocast=autocast, on_batch=on_batch)
 
 
 def score(

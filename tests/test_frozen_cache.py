@@ -10,28 +10,14 @@ from heft_common.errors import ConfigError
 from heft_core import frozen_cache
 from heft_core.adapters import PlainAnswerModel, build_lora_model
 from heft_core.batching import collate
-from heft_core.callbacks import TrainerCallback
 from heft_core.config import LoraSettings, RunConfig
 from heft_core.frozen_cache import FrozenLayerCache, FrozenPrefixAnswerModel, frozen_layers
 from heft_core.models import load_model, model_info
 from heft_core.prompt import EncodedExample
 from heft_core.train import train
-from tests.tiny import make_config
+from tests.tiny import Recorder, make_config
 
 UPPER = [2, 3]  # LoRA on the top two of the tiny model's four layers: layers 0 and 1 are frozen
-
-
-class Logs(TrainerCallback):
-    def __init__(self, crash_at: int | None = None):
-        self.lines: list[str] = []
-        self.crash_at = crash_at
-
-    def on_log(self, message: str) -> None:
-        self.lines.append(message)
-
-    def on_step(self, event) -> None:
-        if event.step == self.crash_at:
-            raise KeyboardInterrupt(f"crash at step {event.step}")
 
 
 def _lora(tiny_model: str, layers=UPPER):
@@ -138,18 +124,18 @@ def _assert_close_runs(a, b, a_dir: Path, b_dir: Path) -> None:
 
 
 def test_lora_training_with_kept_states_matches_the_full_forward(tiny_model, easy_data, tmp_path, monkeypatch):
-    kept_logs, none_logs = Logs(), Logs()
+    kept_logs, none_logs = Recorder(), Recorder()
     kept = train(_config(tiny_model), tmp_path / "kept", callbacks=[kept_logs], data=easy_data)
     # 2 epochs of training and evaluation on 160 + 64 prompts: each computed once, reused after
-    line = next(line for line in kept_logs.lines if line.startswith("frozen layers 0..1:"))
+    line = next(line for line in kept_logs.logs if line.startswith("frozen layers 0..1:"))
     assert "224 prompts kept" in line and "224 computed" in line and "frozen_cache_mb=auto" in line, line
     none = train(_config(tiny_model, frozen_cache_mb=0), tmp_path / "none", callbacks=[none_logs], data=easy_data)
-    line = next(line for line in none_logs.lines if line.startswith("frozen layers"))
+    line = next(line for line in none_logs.logs if line.startswith("frozen layers"))
     assert "0 prompts kept" in line and "0 reused" in line and "frozen_cache_mb=0" in line, line
     monkeypatch.setattr(frozen_cache, "frozen_layers", lambda model, layers: 0)  # today's full forward
-    full_logs = Logs()
+    full_logs = Recorder()
     full = train(_config(tiny_model), tmp_path / "full", callbacks=[full_logs], data=easy_data)
-    assert not any(line.startswith("frozen layers") for line in full_logs.lines)
+    assert not any(line.startswith("frozen layers") for line in full_logs.logs)
     _assert_close_runs(kept, full, tmp_path / "kept", tmp_path / "full")
     _assert_close_runs(none, full, tmp_path / "none", tmp_path / "full")
 
@@ -159,10 +145,10 @@ def test_a_resumed_run_rebuilds_the_states_and_ends_as_an_uninterrupted_one(tiny
     reference = train(config, tmp_path / "reference", data=easy_data)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train(config, out, callbacks=[Logs(crash_at=25)], data=easy_data)  # in epoch 2 (20 steps each)
-    logs = Logs()
+        train(config, out, callbacks=[Recorder(crash_at=25)], data=easy_data)  # in epoch 2 (20 steps each)
+    logs = Recorder()
     resumed = train(config, out, callbacks=[logs], data=easy_data, resume=True)
-    assert any(line.startswith("resumed from step 24") for line in logs.lines), logs.lines
-    assert any(line.startswith("frozen layers 0..1:") for line in logs.lines)
+    assert any(line.startswith("resumed from step 24") for line in logs.logs), logs.logs
+    assert any(line.startswith("frozen layers 0..1:") for line in logs.logs)
     assert not list(out.glob("**/*frozen*"))  # the states are never saved
     _assert_close_runs(resumed, reference, out, tmp_path / "reference")

@@ -25,8 +25,8 @@ from heft_core.models import load_model, load_tokenizer
 from heft_core.prompt import PromptEncoder, PromptTemplate
 from heft_core.train import train
 from tests.conftest import FILLER, NO_WORDS, YES_WORDS
-from tests.test_resume import Recorder, assert_same_run, jsonl, resume_config
-from tests.tiny import make_config, make_tiny_model_dir
+from tests.test_resume import assert_same_run, jsonl, resume_config
+from tests.tiny import Recorder, make_config, make_tiny_model_dir
 
 # A Llama-2-style chat template (system folded into the first user turn), small enough to read.
 CHAT_TEMPLATE = (

@@ -7,9 +7,8 @@ import pytest
 
 from app import forms
 from heft_core import hardware
-from heft_core.callbacks import TrainerCallback
 from heft_core.train import train
-from tests.tiny import make_config
+from tests.tiny import Recorder, make_config
 
 WITH_AVX512_BF16 = "fpu sse2 avx2 avx512f avx512bw avx512_bf16 avx512_vnni"
 WITH_AMX = "fpu sse2 avx2 avx512f amx_bf16 amx_tile amx_int8"
@@ -26,19 +25,6 @@ def cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     return with_flags
-
-
-class Logs(TrainerCallback):
-    def __init__(self, crash_at: int | None = None):
-        self.lines: list[str] = []
-        self.crash_at = crash_at
-
-    def on_log(self, message: str) -> None:
-        self.lines.append(message)
-
-    def on_step(self, event) -> None:
-        if event.step == self.crash_at:
-            raise KeyboardInterrupt(f"crash at step {event.step}")
 
 
 @pytest.mark.parametrize("flags, native", [(WITH_AVX512_BF16, True), (WITH_AMX, True), (WITHOUT, False)])
@@ -69,14 +55,14 @@ def test_explicit_bf16_without_bf16_units_warns_in_the_form(cpu):
 
 def test_explicit_bf16_without_bf16_units_still_trains_and_the_log_warns(cpu, tiny_model, easy_data, tmp_path):
     cpu(WITHOUT)
-    logs = Logs()
+    logs = Recorder()
     config = make_config(tiny_model, "lora", precision="bf16", train_size=32, eval_size=16)
     config.lora_stage.epochs = 1
     result = train(config, tmp_path / "bf16", callbacks=[logs], data=easy_data)
     assert result.status == "completed"
-    assert "precision: bf16 -> bf16 (trains in bf16)" in logs.lines
+    assert "precision: bf16 -> bf16 (trains in bf16)" in logs.logs
     assert any(line.startswith("warning: precision bf16 on a CPU without bf16 units") and "slower" in line
-               for line in logs.lines), logs.lines
+               for line in logs.logs), logs.logs
 
 
 def test_an_auto_run_resumes_in_the_precision_it_trained_in(cpu, monkeypatch, tiny_model, easy_data, tmp_path):
@@ -85,10 +71,10 @@ def test_an_auto_run_resumes_in_the_precision_it_trained_in(cpu, monkeypatch, ti
     config = make_config(tiny_model, "lora", train_size=32, eval_size=16, checkpoint_minutes=1e-6)
     out = Path(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
-        train(config, out, callbacks=[Logs(crash_at=6)], data=easy_data)  # epoch 2 of 2 (4 steps each)
+        train(config, out, callbacks=[Recorder(crash_at=6)], data=easy_data)  # epoch 2 of 2 (4 steps each)
     monkeypatch.setattr(hardware, "CPU_AUTO_BF16", True)  # auto would now train in bf16
-    logs = Logs()
+    logs = Recorder()
     result = train(config, out, callbacks=[logs], data=easy_data, resume=True)
     assert result.status == "completed"
-    assert "precision: auto -> no (trains in fp32)" in logs.lines
-    assert any(line.startswith("resumed from step 5") for line in logs.lines), logs.lines
+    assert "precision: auto -> no (trains in fp32)" in logs.logs
+    assert any(line.startswith("resumed from step 5") for line in logs.logs), logs.logs

@@ -28,7 +28,7 @@ from heft_core.config import LoraSettings, ReftSettings, StageSettings
 from heft_core.train import train
 from tests.conftest import write_jsonl_splits
 from tests.resume_helper import RESUME_PREFIX
-from tests.tiny import make_config
+from tests.tiny import Recorder, make_config
 from tests.waiting import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,25 +104,6 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
     untimed = ("stage", "epoch", "step", "total_steps", "loss", "learning_rate")
     assert [[s[k] for k in untimed] for s in steps] == [[s[k] for k in untimed] for s in reference_steps]
     assert json.loads((resumed / "evals.json").read_text()) == json.loads((reference / "evals.json").read_text())
-
-
-class Recorder(TrainerCallback):
-    """Collects resume events and log lines; raises at ``crash_at`` (an in-process crash)."""
-
-    def __init__(self, crash_at: int | None = None):
-        self.crash_at = crash_at
-        self.resumes: list = []
-        self.logs: list[str] = []
-
-    def on_step(self, event) -> None:
-        if event.step == self.crash_at:
-            raise KeyboardInterrupt(f"crash at step {event.step}")
-
-    def on_resume(self, event) -> None:
-        self.resumes.append(event)
-
-    def on_log(self, message: str) -> None:
-        self.logs.append(message)
 
 
 def crash(config, out: Path, at: int, data) -> None:

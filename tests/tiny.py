@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from heft_core.callbacks import TrainerCallback
 from heft_core.config import LoraSettings, ReftSettings, RunConfig, StageSettings
 from heft_core.prompt import PromptTemplate
 
@@ -68,3 +69,23 @@ def make_config(model: str, method: str, **overrides) -> RunConfig:
     )
     settings.update(overrides)
     return RunConfig(**settings)
+
+
+class Recorder(TrainerCallback):
+    """Collects a training run's log lines and resume events; raises ``KeyboardInterrupt`` at step
+    ``crash_at`` (an in-process crash, as Ctrl-C would)."""
+
+    def __init__(self, crash_at: int | None = None):
+        self.crash_at = crash_at
+        self.resumes: list = []
+        self.logs: list[str] = []
+
+    def on_step(self, event) -> None:
+        if event.step == self.crash_at:
+            raise KeyboardInterrupt(f"crash at step {event.step}")
+
+    def on_resume(self, event) -> None:
+        self.resumes.append(event)
+
+    def on_log(self, message: str) -> None:
+        self.logs.append(message)
