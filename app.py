@@ -46,8 +46,8 @@ def main() -> int:
     auth = parse_auth(os.environ.get("HEFT_AUTH"))
     worker = None
     try:
-        prepare_registry()  # re-index an empty database from the run directories; restore from HEFT_ARCHIVE
-        worker = start_background_worker()
+        registry = prepare_registry()  # re-index an empty database from the run directories; restore from HEFT_ARCHIVE
+        worker = start_background_worker(registry=registry)
         if worker is None:
             log.info("this app runs no worker (the reason is logged above); it only queues runs")
         from app import service
@@ -55,7 +55,7 @@ def main() -> int:
 
         engine = service.open_engine()
         import_bundled_demo(engine)  # a first start shows the demo's runs (HEFT_DEMO=0: not)
-        demo = build_demo(engine)
+        demo = build_demo(engine, startup_notice=registry.notice)
         demo.queue(**queue_kwargs()).launch(
             server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
             server_port=int(os.environ.get("GRADIO_SERVER_PORT", "7860")),

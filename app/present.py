@@ -256,6 +256,11 @@ def placement_line(run: Any) -> str:
     return f"Where: {where}" + (" (Ray cluster)" if executor == "ray" else "")
 
 
+def startup_markdown(notice: str | None) -> str:
+    """The Runs tab's line on what this start-up did to the registry (``StartupReport.notice``), or ""."""
+    return f"**At start-up:** {escape(notice)}" if notice else ""
+
+
 def executor_markdown(line: str) -> str:
     """The Runs tab's line on where runs train (a Ray cluster: nodes, GPUs, CPUs, or why it is unusable)."""
     return f"**{escape(line)}**" if line else ""

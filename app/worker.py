@@ -47,9 +47,9 @@ from heft_common.process import oom_kill_count, worker_identity
 from heft_common.vocabulary import RunStatus
 from heft_core.artifacts import read_run_record
 from storage import queries
-from storage.archive import Archiver, archive_backend, archive_setting
+from storage.archive import Archiver, archive_setting
 from storage.db import checkpoint_wal, open_db
-from storage.lifecycle import prepare_registry
+from storage.lifecycle import StartupReport, prepare_registry
 from storage.models import Run
 from storage.rebuild import write_registry_record
 
@@ -130,16 +130,17 @@ class Worker:
                  poll_seconds: float = 1.0, heartbeat_seconds: float = 5.0, cancel_grace_seconds: float = 30.0,
                  stale_after_seconds: float = 60.0, auto_resume: bool | None = None,
                  ray_address: str | None = None, ray_options: dict[str, Any] | None = None,
-                 executor: RayExecutor | None = None):
+                 executor: RayExecutor | None = None, registry: StartupReport | None = None):
         """``ray_address`` (with RayExecutor's ``ray_options``), or a ready ``executor``, trains the runs on a
         Ray cluster instead of in local child processes; an address that does not answer raises
         ClusterUnavailable before any run is claimed."""
         self.db_path = str(db_path or database_path())
         # A new or empty database on a home with run directories is re-indexed from them; an empty home with an
         # archive configured gets the archived runs back first (storage.lifecycle).
-        prepare_registry(self.db_path)
+        # The app passes the ``registry`` report of its own start-up (same database): it is not done twice.
+        registry = registry if registry is not None else prepare_registry(self.db_path)
         self.engine = open_db(self.db_path)
-        backend = archive_backend()  # a directory or a hub dataset repo (HEFT_ARCHIVE), or None
+        backend = registry.backend  # a directory or a hub dataset repo (HEFT_ARCHIVE), or None
         self.archiver = Archiver(backend) if backend is not None else None  # copies run directories
         self._last_wal_checkpoint = time.monotonic()
         self.slots = slots if slots is not None else gpu_slots()
@@ -442,8 +443,10 @@ class WorkerLock:
         return True
 
 
-def start_background_worker(ray_address: str | None = None) -> Worker | None:
+def start_background_worker(ray_address: str | None = None, registry: StartupReport | None = None) -> Worker | None:
     """The app's worker thread, unless another worker already serves this data home.
+
+    ``registry`` is the app's :func:`~storage.lifecycle.prepare_registry` report for the same data home.
 
     ``ray_address`` (default ``HEFT_RAY_ADDRESS``) trains on that Ray cluster; when it cannot be reached
     the error is logged and shown in the Runs view, and runs stay queued.
@@ -453,7 +456,7 @@ def start_background_worker(ray_address: str | None = None) -> Worker | None:
         logger.info("another worker holds %s; this app only queues runs", lock.path)
         return None
     try:
-        worker = Worker(ray_address=ray_address or ray_address_from_env())
+        worker = Worker(ray_address=ray_address or ray_address_from_env(), registry=registry)
     except ClusterUnavailable as error:
         logger.error("%s; runs stay queued", error)
         lock.handle.close()  # another worker may serve this data home instead

@@ -51,15 +51,6 @@ HUB_DATASETS = "hf://datasets/"
 SPACE_BUCKET = Path("/data")  # where a Space's Storage Bucket is attached by convention
 OFF_VALUES = ("0", "off", "none", "no", "false")
 
-_warned: set[str] = set()  # configuration warnings already logged in this process (the app and worker both ask)
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        log.warning("%s", message)
-
-
 def archive_setting() -> str | None:
     """The archive location as configured (nothing created): ``HEFT_ARCHIVE``, else on a Space with a
     writable ``/data`` (its bucket) ``/data/heft-archive``, else None (also for ``HEFT_ARCHIVE=off``)."""
@@ -109,17 +100,25 @@ def parse_archive_location(value: str) -> ArchiveLocation:
     return ArchiveLocation("directory", str(Path(text).expanduser()))
 
 
-def archive_root() -> Path | None:
-    """The archive directory (created if missing), or None when none is configured or the archive is a hub
-    repo (:func:`archive_backend` covers both)."""
+def archive_location(*, warn: bool = True) -> ArchiveLocation | None:
+    """The configured archive (:func:`archive_setting`, :func:`parse_archive_location`), or None when there is
+    none or the value names no usable place (a warning with ``warn``)."""
     configured = archive_setting()
     if not configured:
         return None
     try:
-        location = parse_archive_location(configured)
-    except ValueError:
+        return parse_archive_location(configured)
+    except ValueError as error:
+        if warn:
+            log.warning("%s; runs are not archived", error)
         return None
-    if location.kind != "directory":
+
+
+def archive_root() -> Path | None:
+    """The archive directory (created if missing), or None when none is configured or the archive is a hub
+    repo (:func:`archive_backend` covers both)."""
+    location = archive_location(warn=False)
+    if location is None or location.kind != "directory":
         return None
     path = Path(location.target)
     path.mkdir(parents=True, exist_ok=True)
@@ -139,15 +138,11 @@ class ArchiveBackend(Protocol):
 
 
 def archive_backend() -> ArchiveBackend | None:
-    """The configured archive (:func:`archive_setting`, :func:`parse_archive_location`), or None when there is
-    none or it cannot be used (one warning saying why; training goes on without an archive)."""
-    configured = archive_setting()
-    if not configured:
-        return None
-    try:
-        location = parse_archive_location(configured)
-    except ValueError as error:
-        _warn_once(f"{error}; runs are not archived")
+    """The configured archive (:func:`archive_location`), or None when there is none or it cannot be used (a
+    warning saying why; training goes on without an archive). Start-up opens it once
+    (:class:`storage.lifecycle.StartupReport`) and the app's worker uses that one."""
+    location = archive_location()
+    if location is None:
         return None
     if location.kind == "hub":
         from storage.archive_hub import open_hub_archive  # deferred: huggingface_hub only for a hub archive
@@ -156,7 +151,8 @@ def archive_backend() -> ArchiveBackend | None:
     try:
         Path(location.target).mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        _warn_once(f"{ARCHIVE_ENV}={configured}: the directory cannot be created ({error}); runs are not archived")
+        log.warning("%s=%s: the directory cannot be created (%s); runs are not archived", ARCHIVE_ENV,
+                    location.target, error)
         return None
     return DirectoryArchive(Path(location.target))
 

@@ -31,7 +31,6 @@ from storage.archive import (
     HUB_DATASETS,
     MANIFEST_FILE,
     RestoreReport,
-    _warn_once,
     restore,
     write_copy,
 )
@@ -67,11 +66,11 @@ def hub_client(token: str) -> HubClient:
 
 
 def open_hub_archive(repo_id: str) -> HubArchive | None:
-    """The archive in ``repo_id`` with ``HF_TOKEN``'s client, or None (one warning) without a token."""
+    """The archive in ``repo_id`` with ``HF_TOKEN``'s client, or None (a warning) without a token."""
     token = os.environ.get(TOKEN_ENV, "").strip()
     if not token:
-        _warn_once(f"{ARCHIVE_ENV}={HUB_DATASETS}{repo_id} needs {TOKEN_ENV} (a token with write access to the "
-                   "repo; on a Space, a secret): runs are not archived")
+        log.warning("%s=%s%s needs %s (a token with write access to the repo; on a Space, a secret): runs are "
+                    "not archived", ARCHIVE_ENV, HUB_DATASETS, repo_id, TOKEN_ENV)
         return None
     return HubArchive(repo_id, hub_client(token))
 

@@ -10,7 +10,8 @@
    (:func:`storage.rebuild.index_run_directories`),
    in place and under a file lock, so two processes starting together index once.
 
-What happened is logged and kept as a notice (:func:`startup_notice`) the Runs tab can show.
+What happened is logged and returned (:class:`StartupReport`): its notice is what the Runs tab shows, and the
+app hands the report to its worker, which then uses the same archive instead of opening it again.
 """
 from __future__ import annotations
 
@@ -31,13 +32,11 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = ".registry-start.lock"
 
-_notice: str | None = None  # what the last prepare_registry in this process did, for the Runs tab
-
-
 @dataclass
 class StartupReport:
     """What start-up did to the registry: archived directories restored, runs re-indexed, and a notice."""
 
+    backend: archive.ArchiveBackend | None = None  # the configured archive, opened once (None: none or unusable)
     restored: archive.RestoreReport | None = None
     reindexed: RebuildReport | None = None
     notices: list[str] = field(default_factory=list)
@@ -57,13 +56,12 @@ def prepare_registry(db_path: str | Path | None = None, home: str | Path | None 
 
     Raises what :func:`storage.db.open_db` raises (a damaged or foreign database: nothing is done then).
     """
-    global _notice
     home = Path(home) if home is not None else data_home()
     db_file = Path(db_path) if db_path is not None else home / "heft.db"
     report = StartupReport()
     with open(home / LOCK_FILE, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        backend = archive.archive_backend()
+        backend = report.backend = archive.archive_backend()
         if backend is not None and not run_directories(home):
             report.restored = backend.restore(home)
             restored = report.restored
@@ -93,11 +91,4 @@ def prepare_registry(db_path: str | Path | None = None, home: str | Path | None 
             report.notices.append(f"The run database was new or empty: {found} run(s) were re-indexed from their "
                                   "run directories (studies are not in the run directories, so these runs belong "
                                   "to no study).")
-    if report.notice:
-        _notice = report.notice
     return report
-
-
-def startup_notice() -> str | None:
-    """What start-up did to the registry in this process (restored or re-indexed runs), or None: for the Runs tab."""
-    return _notice

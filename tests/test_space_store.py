@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 from app import service
+from app.worker import Worker
 from heft_common.vocabulary import TERMINAL_STATUSES
 from storage import archive, queries
 from storage.db import checkpoint_wal, open_db
-from storage.lifecycle import prepare_registry, startup_notice
+from storage.lifecycle import prepare_registry
 from tests.test_restarts import child_env, config, status_of
 from tests.waiting import wait_for
 
@@ -55,7 +56,7 @@ def test_a_new_or_header_only_database_is_reindexed_from_the_run_directories(hom
     db = home / "heft.db"
     report = prepare_registry(db)  # what the app and the worker do when they start
     assert len(report.reindexed.restored) == 10
-    assert "10 run(s) were re-indexed" in startup_notice()
+    assert "10 run(s) were re-indexed" in report.notice
     engine = open_db(db)
     runs = {r.id: r for r in queries.list_runs(engine)}
     assert sorted(runs) == list(range(1, 11)) and runs[3].accuracy == 0.53 and runs[3].status == "completed"
@@ -298,17 +299,21 @@ def test_archive_locations_tell_a_hub_repo_from_a_directory(tmp_path, monkeypatc
         with pytest.raises(ValueError, match=r"HEFT_ARCHIVE=.* is not a hub dataset repo: write hf://datasets/"):
             parse(value)
 
-    # A hub repo without a token: one warning (the app and the worker both ask), no archive, training goes on.
+    # A hub repo without a token: a warning, no archive, training goes on. The app's start-up opens the archive
+    # and hands its report to the app's worker, so the warning is said once, not once by each.
     monkeypatch.setenv("HEFT_ARCHIVE", "hf://datasets/someone/heft-runs")
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(archive, "_warned", set())
-    assert archive.archive_backend() is None and archive.archive_backend() is None
-    warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    monkeypatch.setenv("HEFT_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    registry = prepare_registry(tmp_path / "home" / "heft.db", tmp_path / "home")
+    worker = Worker(tmp_path / "home" / "heft.db", slots=[None], registry=registry)
+    assert registry.backend is None and worker.archiver is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert warnings == ["HEFT_ARCHIVE=hf://datasets/someone/heft-runs needs HF_TOKEN (a token with write access to "
                         "the repo; on a Space, a secret): runs are not archived"]
     assert archive.archive_root() is None  # not a directory
     monkeypatch.setenv("HEFT_ARCHIVE", "hf://someone/a-model")
-    assert archive.archive_backend() is None and "only a dataset repo" in caplog.records[-1].message
+    assert archive.archive_backend() is None and "only a dataset repo" in caplog.records[-1].getMessage()
 
 
 def _fake_run_dir(home: Path, name: str = "000001-aaaa0001") -> Path:
@@ -411,3 +416,19 @@ def test_a_run_trained_with_a_hub_archive_comes_back_into_a_wiped_home(fake_hub,
     assert back.status == "completed" and back.accuracy == finished.accuracy and back.eval_n == finished.eval_n
     assert [(m["stage"], m["step"], m["loss"]) for m in queries.metrics_since(engine, run.id)] == metrics
     assert (home / "runs" / name / "lora" / "adapter_model.safetensors").is_file()
+
+    # The app shows what its start-up did at the top of the Runs tab, escaped.
+    from app.ui import build_demo
+
+    demo = build_demo(engine, startup_notice=report.notice)
+    try:
+        shown = demo.heft_components["runs.startup_notice"]
+        assert shown.visible and shown.value.startswith("**At start-up:** The data home was empty: 1 run(s)")
+        assert f"restored from the archive hf://datasets/{REPO}." in shown.value
+    finally:
+        demo.heft_ask_service.close()
+    quiet = build_demo(engine)
+    try:
+        assert not quiet.heft_components["runs.startup_notice"].visible
+    finally:
+        quiet.heft_ask_service.close()

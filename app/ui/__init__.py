@@ -71,7 +71,9 @@ def _warm(model_ref: str) -> None:
         logger.info("could not read %s's shape in advance: %s", model_ref, exc)
 
 
-def build_demo(engine: Any = None) -> gr.Blocks:
+def build_demo(engine: Any = None, startup_notice: str | None = None) -> gr.Blocks:
+    """The app over ``engine``; ``startup_notice`` (what start-up restored or re-indexed,
+    :class:`storage.lifecycle.StartupReport`) is shown at the top of the Runs tab."""
     engine = engine if engine is not None else service.open_engine()
     rules = service.policy()
     asker = AskService(engine)
@@ -88,7 +90,7 @@ def build_demo(engine: Any = None) -> gr.Blocks:
         with gr.Tabs(selected="train") as tabs:
             ui.add("tabs", tabs)
             train.layout(ui)
-            runs.layout(ui)
+            runs.layout(ui, startup_notice)
             compare.layout(ui)
             studies.layout(ui)
             ask.layout(ui)

@@ -39,9 +39,12 @@ EXPORT_HELP = ("Exports load with the libraries themselves: the LoRA adapter wit
                "from `HF_TOKEN` or the logged-in Hugging Face CLI (`hf auth login`); it is never stored.")
 
 
-def layout(ui: Manager) -> None:
+def layout(ui: Manager, startup_notice: str | None = None) -> None:
     with gr.Tab("Runs", id="runs") as runs_tab:
         ui.add("runs.tab", runs_tab)
+        # What this start-up did to the registry (runs restored from the archive, or re-indexed), said once here.
+        ui.add("runs.startup_notice", gr.Markdown(present.startup_markdown(startup_notice), elem_id="heft-startup",
+                                                  visible=bool(startup_notice)))
         # Where runs train: the Ray cluster's nodes, GPUs and CPUs, or why it cannot be used (blank: local worker).
         ui.add("runs.executor", gr.Markdown(service.executor_status(), elem_id="heft-executor"))
         ui.add("runs.executor_timer", gr.Timer(EXECUTOR_SECONDS, active=True))
